@@ -1,0 +1,82 @@
+"""revlit's LightningCLI: ``fit`` / ``validate`` / ``test`` / ``predict`` for every stage.
+
+Subclass mode for model and data (YAML picks them with ``class_path``/``init_args``),
+``trainer.inference_mode: false`` by default (the defense and the attacks need input gradients),
+a TensorBoardLogger under ``logs/``, the resolved config saved per run, seed 0 by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import pytorch_lightning as pl
+from pytorch_lightning.cli import LightningCLI
+
+
+class RevlitCLI(LightningCLI):
+    """LightningCLI with revlit's defaults."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_name",
+            type=str,
+            default="default",
+            help="Name of the TensorBoard run folder under logs/ (logs/<run_name>/version_N).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        logger = cfg.trainer.get("logger")
+        run_name = cfg.get("run_name", "default")
+        if isinstance(logger, dict) or hasattr(logger, "init_args"):
+            init = logger["init_args"] if isinstance(logger, dict) else logger.init_args
+            if init.get("name") in (None, "lightning_logs"):
+                init["name"] = run_name
+
+
+def _trainer_defaults() -> dict:
+    return {
+        "inference_mode": False,
+        "logger": {
+            "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": os.environ.get("REVLIT_LOG_DIR", "logs")},
+        },
+    }
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``cli.py`` and of the ``revlit`` console script.
+
+    Errors that come from bad input (unknown norm, missing data, unsafe checkpoint, ...) are printed
+    as one line and the process exits with status 2, leaving whatever was already written intact.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("revlit").setLevel(logging.INFO)
+    try:
+        RevlitCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            trainer_defaults=_trainer_defaults(),
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
+            args=args,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("REVLIT_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"revlit: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _has_omegaconf() -> bool:
+    return False
+
+
+if __name__ == "__main__":
+    main()
