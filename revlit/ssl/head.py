@@ -1,0 +1,186 @@
+"""The self-supervised projection head of Mao et al. (ICCV 2021), its checkpoints, and ``ssl_loss``.
+
+Mao et al. attach a small MLP to the penultimate features of a FROZEN classifier and train it with
+a contrastive loss on SimCLR views of clean images; at test time the gradient of that loss w.r.t.
+the input pixels drives the reverse attack. The authors' head on WRN-28-10 is
+640 -> 256 -> BatchNorm1d -> ReLU -> 16; for ResNet-20 the input is 64-dimensional.
+
+A head checkpoint is a plain dict (``torch.load(..., weights_only=True)`` loads it)::
+
+    {"format": "revlit-ssl-head/1", "in_dim", "hidden_dim", "out_dim", "state_dict",
+     "classifier_sha256", "meta"}
+
+and is only valid for the classifier it was trained on: :func:`load_head` refuses another
+classifier's sha256 unless ``allow_mismatch``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from revlit.models.checkpoint import CheckpointError, safe_load, sha256_file
+
+HEAD_FORMAT = "revlit-ssl-head/1"
+
+
+class SSLHead(nn.Module):
+    """Projection head ``Linear(in, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, out)``.
+
+    Args:
+        in_dim: classifier feature dimension (64 for ResNet-20, 640 for WRN-28-10).
+        hidden_dim: hidden width (authors: 256).
+        out_dim: embedding dimension fed to the contrastive loss (authors: 16).
+
+    Input (B, in_dim) penultimate features; output (B, out_dim) embeddings (unnormalised; the
+    losses L2-normalise). In training mode BatchNorm needs B >= 2.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 256, out_dim: int = 16) -> None:
+        super().__init__()
+        for name, d in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
+            if int(d) < 1:
+                raise ValueError(f"SSLHead {name} must be >= 1, got {d}")
+        self.in_dim, self.hidden_dim, self.out_dim = int(in_dim), int(hidden_dim), int(out_dim)
+        self.net = nn.Sequential(
+            nn.Linear(self.in_dim, self.hidden_dim),
+            nn.BatchNorm1d(self.hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(self.hidden_dim, self.out_dim),
+        )
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if f.ndim != 2 or f.shape[1] != self.in_dim:
+            raise ValueError(f"SSLHead expects features (B, {self.in_dim}), got {tuple(f.shape)}")
+        return self.net(f)
+
+
+def save_head(
+    head: SSLHead,
+    path: str | os.PathLike,
+    classifier_sha256: str,
+    meta: dict | None = None,
+) -> str:
+    """Write a head checkpoint atomically and return its sha256.
+
+    Args:
+        head: the trained head.
+        path: destination file (parent folders are created).
+        classifier_sha256: sha256 of the classifier checkpoint the head was trained on.
+        meta: extra JSON-like information (epoch, loss, views, ...): strings, numbers, lists, dicts.
+    """
+    if not isinstance(classifier_sha256, str) or not classifier_sha256:
+        raise ValueError("save_head needs the classifier's sha256 (a non-empty string)")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    obj = {
+        "format": HEAD_FORMAT,
+        "in_dim": head.in_dim,
+        "hidden_dim": head.hidden_dim,
+        "out_dim": head.out_dim,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+        "classifier_sha256": classifier_sha256,
+        "meta": dict(meta or {}),
+    }
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, p)
+    return sha256_file(p)
+
+
+def load_head(
+    path: str | os.PathLike,
+    classifier_sha256: str | None = None,
+    allow_mismatch: bool = False,
+) -> tuple[SSLHead, dict]:
+    """Load a head checkpoint written by :func:`save_head`.
+
+    Args:
+        path: the checkpoint.
+        classifier_sha256: sha256 of the classifier the head will be used with; ``None`` skips the
+            check.
+        allow_mismatch: accept a head trained on another classifier (logs nothing; the caller
+            should say so in its record).
+
+    Returns:
+        ``(head in eval mode, info)`` with info keys ``path``, ``sha256``, ``classifier_sha256``,
+        ``in_dim``, ``hidden_dim``, ``out_dim``, ``meta``.
+
+    Raises:
+        CheckpointError (a ValueError, one line): missing/unsafe file, not a head checkpoint, or
+            trained on a different classifier without ``allow_mismatch``.
+    """
+    obj = safe_load(path)
+    if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a revlit SSL head checkpoint (expected {HEAD_FORMAT})"
+        )
+    made_for = obj.get("classifier_sha256")
+    if classifier_sha256 is not None and made_for != classifier_sha256 and not allow_mismatch:
+        raise CheckpointError(
+            f"SSL head {path} was trained on classifier {str(made_for)[:12]}, not "
+            f"{classifier_sha256[:12]}; retrain it or pass allow_mismatch"
+        )
+    head = SSLHead(obj["in_dim"], obj["hidden_dim"], obj["out_dim"])
+    head.load_state_dict(obj["state_dict"])
+    head.eval()
+    info = {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "classifier_sha256": made_for,
+        "in_dim": obj["in_dim"],
+        "hidden_dim": obj["hidden_dim"],
+        "out_dim": obj["out_dim"],
+        "meta": obj.get("meta", {}),
+    }
+    return head, info
+
+
+def ssl_loss(
+    classifier: nn.Module,
+    head: nn.Module,
+    views: nn.Module,
+    loss,
+    x: torch.Tensor,
+    n_views: int,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Self-supervised loss of a batch: views -> ``classifier.features`` -> head -> loss.
+
+    Framework-free; differentiable w.r.t. ``x`` (the purifier takes ``torch.autograd.grad`` of it)
+    and w.r.t. the head's parameters (head training). It does not change any module's mode: put
+    classifier and head in eval mode for test-time use so BatchNorm statistics stay untouched.
+
+    Args:
+        classifier: a :class:`revlit.models.Classifier` (``features(x) -> (B, feature_dim)``).
+        head: maps (B, feature_dim) -> (B, D), e.g. :class:`SSLHead`.
+        views: ``views(x, n_views, generator) -> (n_views * N, 3, H, W)`` view-major, e.g.
+            :class:`revlit.ssl.views.SimCLRViews`.
+        loss: ``loss(z, n_views, reduction=...)``, e.g. :class:`revlit.losses.ContrastiveLoss`,
+            or a registered loss name.
+        x: images in [0, 1], (N, 3, H, W).
+        n_views: views per image (>= 2).
+        generator: CPU generator for the views (same seed -> same views).
+        reduction: ``"mean"`` (scalar) or ``"none"`` (per image, (N,)).
+        chunk: if set, run the backbone over chunks of at most this many views (one graph, one
+            loss); avoids the large-allocation page faults measured on CPU (DESIGN.md §4).
+
+    Returns:
+        The loss: a scalar or (N,).
+    """
+    if isinstance(loss, str):
+        from revlit.losses import ContrastiveLoss
+
+        loss = ContrastiveLoss(loss)
+    v = views(x, n_views, generator)
+    v = v.contiguous(memory_format=torch.channels_last)  # 1.1-1.8x faster convs (DESIGN.md)
+    if chunk is not None and chunk > 0 and v.shape[0] > chunk:
+        feats = torch.cat([classifier.features(part) for part in v.split(chunk)])
+    else:
+        feats = classifier.features(v)
+    return loss(head(feats), n_views, reduction=reduction)

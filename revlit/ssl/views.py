@@ -1,0 +1,346 @@
+"""Differentiable SimCLR views on batched tensors (Mao et al., ICCV 2021, §3 / authors' code).
+
+The reverse-attack defense of Mao et al. ("Adversarial Attacks are Reversible with Natural
+Supervision", ICCV 2021) measures a contrastive loss between random *views* of an image and takes
+gradient steps on the input pixels to lower it, so every op here is differentiable w.r.t. the
+images. The authors' views for CIFAR-10 are the SimCLR ones without blur::
+
+    RandomResizedCrop(32) -> RandomHorizontalFlip(0.5)
+    -> RandomApply(ColorJitter(0.8, 0.8, 0.8, 0.2), p=0.8) -> RandomGrayscale(0.2)
+
+which they applied with torchvision 0.8 to whole batch tensors, i.e. ONE random draw per call =
+per view, shared by every image of the batch (``mode="shared"``). ``mode="per_sample"`` draws
+independent parameters for every image (the usual SimCLR data-loader behaviour). Both are
+implemented here on batches without a per-image python loop:
+
+* crop + resize + flip: one affine sampling grid per output image (``F.affine_grid`` +
+  ``F.grid_sample``, bilinear, ``align_corners=False``, border padding). For the integer crop boxes
+  of torchvision's ``RandomResizedCrop`` this equals ``F.interpolate(crop, size, mode="bilinear",
+  align_corners=False)`` (torchvision 0.8's tensor resize, no antialiasing) everywhere except the
+  outermost ring of output pixels when upsampling: there the sampling point falls up to half a pixel
+  outside the box, and we read the real neighbouring pixel of the image where ``interpolate``
+  replicates the crop's edge (measured: interior identical to 1e-7).
+* colour jitter: brightness, contrast, saturation and hue with per-image factors broadcast over the
+  pixels, in a random order per draw (torchvision's ``ColorJitter`` permutes the four ops). Rows
+  are grouped by their order (at most 24 groups + one "no jitter" group) so the order can differ
+  between images in ``per_sample`` mode and between views in ``shared`` mode. Brightness,
+  contrast and saturation clamp to [0, 1] as torchvision's ``_blend`` does; the hue shift goes
+  through a differentiable RGB -> HSV -> RGB round trip (torchvision v2's hue is not
+  differentiable, see DESIGN.md).
+* grayscale: luminance 0.299 R + 0.587 G + 0.114 B copied to the three channels.
+
+Randomness: every parameter is drawn on the CPU from the given ``torch.Generator`` (or torch's
+global CPU generator when ``None``) in a fixed order, then moved to the images' device, so a seeded
+generator gives the same views on any device and for the clean and the attacked version of a batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("shared", "per_sample")
+LUMA = (0.299, 0.587, 0.114)
+# The 24 orders of (brightness, contrast, saturation, hue); row k of this table is order k.
+_ORDERS = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.long)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luminance (N, 1, H, W) of RGB images (N, 3, H, W), weights 0.299 / 0.587 / 0.114."""
+    r, g, b = x.unbind(1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def _bcast(f: torch.Tensor) -> torch.Tensor:
+    return f.view(-1, 1, 1, 1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``clamp(factor * x, 0, 1)`` with one factor per image (factor shape (N,))."""
+    return (x * _bcast(factor)).clamp(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with the mean of its grayscale version (torchvision semantics), clamp."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    f = _bcast(factor)
+    return (f * x + (1.0 - f) * mean).clamp(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each image with its grayscale version (torchvision semantics), clamp."""
+    f = _bcast(factor)
+    return (f * x + (1.0 - f) * grayscale(x)).clamp(0.0, 1.0)
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """RGB (N, 3, H, W) in [0, 1] -> HSV with every channel in [0, 1] (hue as a fraction of a turn).
+
+    Differentiable almost everywhere; grey pixels (max == min) get hue 0 and saturation 0 with a
+    finite gradient (the divisions use 1 instead of 0 there, as torchvision does).
+    """
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    grey = delta == 0
+    one = torch.ones_like(maxc)
+    s = delta / torch.where(maxc == 0, one, maxc)
+    d = torch.where(grey, one, delta)
+    # Sector formula: which channel is the max decides the offset (0, 2, 4 sixths of a turn).
+    h_r = (g - b) / d
+    h_g = 2.0 + (b - r) / d
+    h_b = 4.0 + (r - g) / d
+    h = torch.where(maxc == r, h_r, torch.where(maxc == g, h_g, h_b))
+    h = torch.where(grey, torch.zeros_like(h), h)
+    h = torch.remainder(h / 6.0, 1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """HSV (N, 3, H, W) with channels in [0, 1] -> RGB in [0, 1].
+
+    Uses the closed form ``c_n = v - v s clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6 h) mod 6`` for ``n = 5, 3, 1`` (R, G, B): piecewise linear in h, so it is
+    differentiable almost everywhere and needs no sector masks.
+    """
+    h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
+    n = torch.tensor((5.0, 3.0, 1.0), device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h, 6.0)
+    w = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    return v - v * s * w
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image by ``shift`` (N,) turns (in [-0.5, 0.5]), differentiably."""
+    hsv = rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, 0:1] + _bcast(shift), 1.0)
+    return hsv_to_rgb(torch.cat((h, hsv[:, 1:]), dim=1))
+
+
+class SimCLRViews(nn.Module):
+    """Random SimCLR views (crop-resize, flip, colour jitter, grayscale) of a batch, differentiable.
+
+    Defaults are the views of Mao et al. (ICCV 2021) for CIFAR-10: ``RandomResizedCrop(32,
+    scale=(0.08, 1), ratio=(3/4, 4/3))``, horizontal flip p=0.5, ``ColorJitter(0.8, 0.8, 0.8, 0.2)``
+    applied with p=0.8, ``RandomGrayscale(0.2)``, no blur.
+
+    Args:
+        size: output side length (square views).
+        scale: range of the crop area as a fraction of the image area.
+        ratio: range of the crop aspect ratio (w / h), sampled log-uniformly.
+        flip_p: probability of a horizontal flip.
+        jitter: (brightness, contrast, saturation, hue) strengths; factors are drawn uniformly from
+            [max(0, 1 - s), 1 + s] for the first three and [-hue, hue] for the hue (hue <= 0.5).
+        jitter_p: probability that the colour jitter is applied at all.
+        gray_p: probability of converting to grayscale.
+        mode: ``"shared"`` (one draw per view for the whole batch, as the authors' batch-tensor
+            torchvision code) or ``"per_sample"`` (independent draws per image and view).
+
+    The module has no parameters. ``forward(x, n_views, generator)`` takes images in [0, 1] of
+    shape (N, 3, H, W) and returns views in [0, 1] of shape (n_views * N, 3, size, size),
+    VIEW-MAJOR: row ``v * N + i`` is view ``v`` of image ``i``.
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+        flip_p: float = 0.5,
+        jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.2),
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        mode: str = "shared",
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"views mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if size < 1:
+            raise ValueError(f"views size must be >= 1, got {size}")
+        scale, ratio, jitter = tuple(map(float, scale)), tuple(map(float, ratio)), tuple(jitter)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"views scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale}")
+        if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"views ratio must be (lo, hi) with 0 < lo <= hi, got {ratio}")
+        if len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5:
+            raise ValueError(
+                "views jitter must be (brightness, contrast, saturation, hue) >= 0 with "
+                f"hue <= 0.5, got {jitter}"
+            )
+        for name, p in (("flip_p", flip_p), ("jitter_p", jitter_p), ("gray_p", gray_p)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"views {name} must be in [0, 1], got {p}")
+        self.size, self.scale, self.ratio = int(size), scale, ratio
+        self.flip_p, self.jitter, self.jitter_p, self.gray_p = (
+            flip_p,
+            tuple(map(float, jitter)),
+            jitter_p,
+            gray_p,
+        )
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return (
+            f"size={self.size}, scale={self.scale}, flip_p={self.flip_p}, jitter={self.jitter}, "
+            f"jitter_p={self.jitter_p}, gray_p={self.gray_p}, mode={self.mode}"
+        )
+
+    # ------------------------------------------------------------------ parameters
+    def _crop_boxes(self, m: int, h: int, w: int, g: torch.Generator | None) -> torch.Tensor:
+        """(m, 4) integer boxes (top, left, height, width) as torchvision's RandomResizedCrop.
+
+        Ten attempts per row are drawn at once; the first valid one wins; rows with none fall back
+        to the central crop with the aspect ratio clamped to ``ratio`` (torchvision's fallback).
+        """
+        tries = 10
+        area = float(h * w)
+        target = area * (
+            self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(m, tries, generator=g)
+        )
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(lo + (hi - lo) * torch.rand(m, tries, generator=g))
+        cw = torch.round(torch.sqrt(target * aspect))
+        ch = torch.round(torch.sqrt(target / aspect))
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        u_top, u_left = torch.rand(m, tries, generator=g), torch.rand(m, tries, generator=g)
+        # randint(0, h - ch + 1) as floor(u * (h - ch + 1)), valid where ok.
+        top = torch.floor(u_top * (h - ch + 1).clamp(min=1))
+        left = torch.floor(u_left * (w - cw + 1).clamp(min=1))
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((m,), -1))
+        # Fallback: whole image cropped to the nearest allowed aspect ratio, centred.
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            fw, fh = w, int(round(w / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            fh, fw = h, int(round(h * self.ratio[1]))
+        else:
+            fw, fh = w, h
+        fb = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float32)
+        pick = first.clamp(min=0)[:, None]
+        boxes = torch.stack([t.gather(1, pick)[:, 0] for t in (top, left, ch, cw)], dim=1)
+        return torch.where((first >= 0)[:, None], boxes, fb.expand(m, 4))
+
+    def _draw(self, m: int, h: int, w: int, g: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """Draw ``m`` parameter sets on the CPU, in a fixed order (reproducible for a seed)."""
+        boxes = self._crop_boxes(m, h, w, g)
+        flip = torch.rand(m, generator=g) < self.flip_p
+        apply_jitter = torch.rand(m, generator=g) < self.jitter_p
+        order = torch.randint(0, len(_ORDERS), (m,), generator=g)
+        u = torch.rand(m, 4, generator=g)
+        b, c, s, hue = self.jitter
+        lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue])
+        hi = torch.tensor([1 + b, 1 + c, 1 + s, hue])
+        factors = lo + (hi - lo) * u
+        gray = torch.rand(m, generator=g) < self.gray_p
+        return {
+            "boxes": boxes,
+            "flip": flip,
+            "apply_jitter": apply_jitter,
+            "order": order,
+            "factors": factors,
+            "gray": gray,
+        }
+
+    def draw_params(
+        self,
+        n: int,
+        n_views: int,
+        h: int = 32,
+        w: int = 32,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The parameters of ``forward`` for a batch of ``n`` images, one row per output view.
+
+        Returns:
+            dict of CPU tensors with first dim ``n_views * n`` (view-major): ``boxes`` (top, left,
+            height, width), ``flip``, ``apply_jitter``, ``order`` (index into the 24 orders of
+            brightness/contrast/saturation/hue), ``factors`` (brightness, contrast, saturation
+            factors and hue shift), ``gray``. In ``shared`` mode rows of the same view are equal.
+        """
+        if self.mode == "shared":
+            p = self._draw(n_views, h, w, generator)
+            return {k: v.repeat_interleave(n, dim=0) for k, v in p.items()}
+        return self._draw(n_views * n, h, w, generator)
+
+    # ------------------------------------------------------------------ ops
+    def _crop_flip(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        m, c, h, w = x.shape
+        boxes = p["boxes"].to(device=x.device, dtype=x.dtype)
+        top, left, bh, bw = boxes.unbind(1)
+        sx = bw / w
+        sx = torch.where(p["flip"].to(x.device), -sx, sx)
+        theta = torch.zeros(m, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0] = sx
+        theta[:, 0, 2] = (2 * left + bw) / w - 1
+        theta[:, 1, 1] = bh / h
+        theta[:, 1, 2] = (2 * top + bh) / h - 1
+        grid = F.affine_grid(theta, [m, c, self.size, self.size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    @staticmethod
+    def _jitter_group(x: torch.Tensor, order: Sequence[int], f: torch.Tensor) -> torch.Tensor:
+        for op in order:
+            if op == 0:
+                x = adjust_brightness(x, f[:, 0])
+            elif op == 1:
+                x = adjust_contrast(x, f[:, 1])
+            elif op == 2:
+                x = adjust_saturation(x, f[:, 2])
+            else:
+                x = adjust_hue(x, f[:, 3])
+        return x
+
+    def _jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Group rows by jitter order (-1 = not jittered) so each group runs its ops on one batch.
+        key = torch.where(p["apply_jitter"], p["order"], torch.full_like(p["order"], -1))
+        groups = torch.unique(key).tolist()
+        if groups == [-1]:
+            return x
+        factors = p["factors"].to(device=x.device, dtype=x.dtype)
+        parts, rows = [], []
+        for k in groups:
+            idx = torch.nonzero(key == k)[:, 0]
+            idx_d = idx.to(x.device)
+            xs = x.index_select(0, idx_d)
+            if k >= 0:
+                xs = self._jitter_group(xs, _ORDERS[k].tolist(), factors.index_select(0, idx_d))
+            parts.append(xs)
+            rows.append(idx)
+        if len(parts) == 1:
+            return parts[0]
+        inv = torch.argsort(torch.cat(rows)).to(x.device)
+        return torch.cat(parts).index_select(0, inv)
+
+    def forward(
+        self, x: torch.Tensor, n_views: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``n_views`` random views of every image, view-major.
+
+        Args:
+            x: images in [0, 1], float, shape (N, 3, H, W); may require grad.
+            n_views: number of views per image (>= 1).
+            generator: CPU ``torch.Generator`` for every random draw (``None``: torch's global one).
+
+        Returns:
+            (n_views * N, 3, size, size) views in [0, 1]; row ``v * N + i`` is view ``v`` of
+            image ``i``. Differentiable w.r.t. ``x``.
+        """
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"views expect RGB images (N, 3, H, W), got shape {tuple(x.shape)}")
+        if n_views < 1:
+            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        n, _, h, w = x.shape
+        p = self.draw_params(n, n_views, h, w, generator)
+        xr = x.repeat(n_views, 1, 1, 1)
+        out = self._crop_flip(xr, p)
+        out = self._jitter(out, p)
+        gray = p["gray"].to(x.device)
+        if bool(gray.any()):
+            out = torch.where(gray.view(-1, 1, 1, 1), grayscale(out).expand_as(out), out)
+        return out

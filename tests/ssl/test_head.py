@@ -1,0 +1,66 @@
+"""SSLHead, head checkpoints (refused on another classifier) and ssl_loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from revlit.losses import ContrastiveLoss
+from revlit.models.checkpoint import CheckpointError
+from revlit.ssl import SimCLRViews, SSLHead, load_head, save_head, ssl_loss
+from tests.helpers import tiny_classifier
+
+
+def test_head_shapes_and_bad_input():
+    head = SSLHead(64)
+    assert head(torch.randn(5, 64)).shape == (5, 16)
+    assert [type(m).__name__ for m in head.net] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert head.net[0].out_features == 256
+    with pytest.raises(ValueError, match=r"\(B, 64\)"):
+        head(torch.randn(5, 32))
+
+
+def test_save_load_roundtrip_and_classifier_check(tmp_path):
+    torch.manual_seed(0)
+    head = SSLHead(8, hidden_dim=12, out_dim=4)
+    head.train()
+    head(torch.randn(10, 8))  # move the BatchNorm running stats away from their init
+    sha = save_head(head, tmp_path / "h.pt", classifier_sha256="a" * 64, meta={"epoch": 3})
+    loaded, info = load_head(tmp_path / "h.pt", classifier_sha256="a" * 64)
+    assert not loaded.training
+    assert info["sha256"] == sha and info["meta"] == {"epoch": 3} and info["out_dim"] == 4
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(ValueError, match="trained on classifier aaaaaaaaaaaa, not bbbbbbbbbbbb"):
+        load_head(tmp_path / "h.pt", classifier_sha256="b" * 64)
+    loaded, info = load_head(tmp_path / "h.pt", classifier_sha256="b" * 64, allow_mismatch=True)
+    assert info["classifier_sha256"] == "a" * 64
+    # a checkpoint loads with weights_only=True (plain dict)
+    obj = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert obj["format"] == "revlit-ssl-head/1"
+
+
+def test_load_head_refuses_other_files(tmp_path):
+    torch.save({"format": "revlit-classifier/1"}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="not a revlit SSL head"):
+        load_head(tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_head(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
+def test_ssl_loss_input_gradient_and_reproducibility(mode):
+    clf = tiny_classifier().eval()
+    head = SSLHead(clf.feature_dim).eval()
+    views = SimCLRViews(mode=mode)
+    loss = ContrastiveLoss()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    gen = torch.Generator().manual_seed(1)
+    val = ssl_loss(clf, head, views, loss, x, 2, gen)
+    (g,) = torch.autograd.grad(val, x)
+    assert val.ndim == 0 and torch.isfinite(g).all() and (g.abs().flatten(1).sum(1) > 0).all()
+    per = ssl_loss(clf, head, views, loss, x, 2, torch.Generator().manual_seed(1), reduction="none")
+    torch.testing.assert_close(per.mean(), val)
+    chunked = ssl_loss(clf, head, views, "nt_xent", x, 2, torch.Generator().manual_seed(1), chunk=3)
+    torch.testing.assert_close(chunked, val, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in clf.parameters())
