@@ -69,7 +69,13 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("REVLIT_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # jsonargparse wraps an init-arg error in "Does not validate against any of the Union
+        # subtypes"; the user needs the innermost message (e.g. "adversarial must be one of ...").
+        root: BaseException = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        text = str(root).strip() or str(e).strip()
+        msg = text.splitlines()[0] if text else type(e).__name__
         print(f"revlit: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
