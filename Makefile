@@ -13,7 +13,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: install test demo lint format clean-venv
+.PHONY: install test demo attacks evaluate bench classifiers lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,9 +26,29 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest
 
-## make demo: install (if needed) and run the main job on the shipped default.
+## make demo: install (if needed) and run the main job on the shipped default: PGD L1/L2/Linf sets
+## for the first N test images, evaluation without/with the defense, table + JSON + PNG + TensorBoard.
 demo: install
-	$(PY) cli.py test --config configs/classifier/test_shipped.yaml
+	$(PY) -m revlit.demo --n $(N)
+
+## make attacks: stored PGD sets (L1, L2, Linf) for the first N test images under data/pgd/.
+ATTACK_ITERS ?= 10
+attacks: install
+	for c in pgd_l1 pgd_l2 pgd_linf; do \
+	  $(PY) cli.py predict --config configs/attack/$$c.yaml --model.init_args.steps $(ATTACK_ITERS) \
+	    --data.init_args.test_subset $(N) || exit 1; done
+
+## make evaluate: the defense table (clean/L1/L2/Linf x none/reverse/noise) on the first N images.
+evaluate: install
+	$(PY) -m revlit.evaluate --n $(N) --out results/evaluate
+
+## make bench: purifier and PGD throughput against the hardware bound.
+bench: install
+	$(PY) -m revlit.bench --out results/bench/bench.json
+
+## make classifiers: retrain the shipped classifiers (~40 + 15 min here).
+classifiers: install
+	bash runs/train_classifiers.sh
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,256 @@
+"""``make bench``: the purifier and PGD against the hardware bound (one process, interleaved).
+
+The unit of work of the reverse attack (Mao et al., ICCV 2021) is one backbone forward +
+backward-to-input pass per view: K steps × V views per image (160 at the authors' 40 × 4). So the
+purifier can never beat ``bound / (K·V)`` images/s, where ``bound`` is the backbone's own
+forward + backward-to-input throughput at its best batch size (parameters frozen, channels_last).
+This module measures that bound, the purifier at two settings, PGD-10 generation, the peak
+resident memory of each, and (optionally) ``cli.py predict`` with 1 process vs 2 DDP processes.
+
+Usage::
+
+    python -m revlit.bench [--model resnet20] [--reps 3] [--out results/bench/bench.json] [--ddp]
+
+Variants are interleaved across repetitions (timings on a shared machine drift between minutes);
+min and median over repetitions are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from revlit.attacks.norms import Norm
+from revlit.attacks.pgd import pgd
+from revlit.callbacks.export import git_commit
+from revlit.defenses.reverse import ReversePurifier
+from revlit.losses import ContrastiveLoss
+from revlit.models.registry import build
+from revlit.ssl.head import SSLHead
+from revlit.ssl.views import SimCLRViews
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc``), in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Context manager sampling the resident set size every ``interval`` seconds; ``.peak``."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = rss_bytes()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def input_grad_pass(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One backbone forward + backward to the input (the unit of work of PGD and the purifier)."""
+    xr = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model.features(xr).float().square().sum(), xr)
+    return g
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(memory_format=torch.channels_last)
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+
+
+class Variant:
+    """A named workload: ``fn()`` processes ``images`` images; timed per repetition."""
+
+    def __init__(self, name: str, fn: Callable[[], object], images: int, passes: int) -> None:
+        self.name, self.fn, self.images, self.passes = name, fn, images, passes
+        self.times: list[float] = []
+        self.peak_rss = 0
+
+    def run_once(self) -> None:
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            self.fn()
+            self.times.append(time.perf_counter() - t0)
+        self.peak_rss = max(self.peak_rss, mem.peak)
+
+    def summary(self) -> dict:
+        best, med = min(self.times), statistics.median(self.times)
+        return {
+            "name": self.name,
+            "images": self.images,
+            "passes_per_image": self.passes,
+            "seconds_min": round(best, 4),
+            "seconds_median": round(med, 4),
+            "images_per_s_max": round(self.images / best, 2),
+            "images_per_s_median": round(self.images / med, 2),
+            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+            "reps": len(self.times),
+        }
+
+
+def build_variants(
+    model: nn.Module,
+    batches: list[int],
+    purifier_settings: list[tuple[int, int, int]],
+    pgd_batch: int,
+) -> tuple[list[Variant], list[Variant], list[Variant]]:
+    """The bound variants (one per batch size), the purifier variants and the PGD variant."""
+    bound = []
+    for b in batches:
+        x = _images(b)
+        bound.append(Variant(f"bound@{b}", lambda x=x: input_grad_pass(model, x), b, 1))
+    head = SSLHead(model.feature_dim).eval()
+    loss = ContrastiveLoss("nt_xent", 0.2)
+    purifiers = []
+    for k, v, b in purifier_settings:
+        pur = ReversePurifier(model, head, loss, SimCLRViews(), steps=k, n_views=v)
+        x = _images(b, 1)
+
+        def run(pur=pur, x=x):
+            return pur.purify(x, torch.Generator().manual_seed(0))
+
+        purifiers.append(Variant(f"purifier K={k} V={v} B={b}", run, b, k * v))
+    x = _images(pgd_batch, 2)
+    y = torch.randint(0, 10, (pgd_batch,), generator=torch.Generator().manual_seed(0))
+    atk = Variant(
+        f"PGD-10 Linf B={pgd_batch}",
+        lambda: pgd(model, x, y, Norm.LINF, 8 / 255, 2 / 255, 10),
+        pgd_batch,
+        10,
+    )
+    return bound, purifiers, [atk]
+
+
+def run_bench(
+    model_name: str = "resnet20",
+    reps: int = 3,
+    batches: tuple[int, ...] = (128, 256, 512, 1024, 2048),
+    purifier_settings: tuple[tuple[int, int, int], ...] = ((40, 4, 512), (10, 2, 256)),
+    pgd_batch: int = 512,
+) -> dict:
+    """Measure everything in one process, variants interleaved; return the JSON record."""
+    torch.manual_seed(0)
+    model = _frozen(build(model_name))
+    bound, purifiers, attacks = build_variants(
+        model, list(batches), list(purifier_settings), pgd_batch
+    )
+    variants = bound + purifiers + attacks
+    for v in variants:  # warm-up: allocator, kernels
+        v.fn() if v.passes == 1 else None
+    for _ in range(reps):
+        for v in variants:
+            v.run_once()
+    rows = [v.summary() for v in variants]
+    best_bound = max(
+        (r for r in rows if r["name"].startswith("bound")), key=lambda r: r["images_per_s_max"]
+    )
+    for r in rows:
+        if r["name"].startswith("bound"):
+            continue
+        ceiling = best_bound["images_per_s_max"] / r["passes_per_image"]
+        r["bound_images_per_s"] = round(ceiling, 2)
+        r["fraction_of_bound"] = round(r["images_per_s_max"] / ceiling, 3)
+        r["fraction_of_bound_median"] = round(r["images_per_s_median"] / ceiling, 3)
+    return {
+        "kind": "revlit-bench/1",
+        "model": model_name,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "malloc_env": {
+            k: os.environ.get(k)
+            for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+        },
+        "bound_images_per_s": best_bound["images_per_s_max"],
+        "bound_batch": best_bound["images"],
+        "rows": rows,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_table(rec: dict) -> str:
+    """Markdown table of a bench record."""
+    lines = [
+        f"bench: {rec['model']} · {rec['processor']} · torch {rec['torch']} · {rec['threads']} threads · "
+        f"{rec['date']} · commit {rec['commit']}",
+        "",
+        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound | peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rec["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['passes_per_image']} | {r['images_per_s_max']:.1f} | "
+            f"{r['images_per_s_median']:.1f} | {r.get('bound_images_per_s', '')} | "
+            f"{r.get('fraction_of_bound', '')} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m revlit.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet20", help="registered model name (random weights)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
+    p.add_argument("--out", default="results/bench/bench.json")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    if args.quick:
+        rec = run_bench(args.model, 1, (8, 16), ((2, 2, 8),), 8)
+    else:
+        rec = run_bench(args.model, args.reps, tuple(args.batches))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=2))
+    table = format_table(rec)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
