@@ -3,8 +3,6 @@ reference forward written with torch.nn.functional, and the converter CLI."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,9 +17,8 @@ from revlit.models.rst import (
     rst_to_revlit_state_dict,
     wrn_from_rst_state_dict,
 )
+from revlit.models.rst import main as rst_main
 from revlit.models.wideresnet import WideResNet
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _bn(sd: dict, name: str, c: int, g: torch.Generator) -> None:
@@ -177,30 +174,21 @@ def test_wrn28_10_layout_loads():
     assert n_src == n_own
 
 
-def test_converter_cli_writes_revlit_checkpoint(tmp_path):
+def test_converter_cli_writes_revlit_checkpoint(tmp_path, capsys):
+    """``python -m revlit.models.rst IN OUT`` (its ``main``, run in-process for speed)."""
     sd = trades_state_dict(10, 1, seed=5)
     src = _write_rst(tmp_path / "cifar10_rst_adv.pt.ckpt", sd)
     dst = tmp_path / "out" / "wrn_rst.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "revlit.models.rst", str(src), str(dst)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    rst_main([str(src), str(dst)])
     model, info = load_classifier(dst)
-    assert info["sha256"] in proc.stdout
+    assert info["sha256"] in capsys.readouterr().out
     assert info["meta"]["source_file"] == src.name
+    assert isinstance(model, WideResNet) and model.config["mean"] is None
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), trades_forward(sd, x), rtol=1e-4, atol=1e-4)
-    bad = subprocess.run(
-        [sys.executable, "-m", "revlit.models.rst", str(tmp_path / "nope.ckpt"), str(dst)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("revlit: error:") and bad.stderr.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        rst_main([str(tmp_path / "nope.ckpt"), str(dst)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("revlit: error:") and err.count("\n") == 1 and "nope.ckpt" in err
