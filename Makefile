@@ -13,7 +13,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: install test demo attacks evaluate bench classifiers lint format clean-venv
+.PHONY: install test demo attacks evaluate bench classifiers rst lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ evaluate: install
 ## make bench: purifier and PGD throughput against the hardware bound.
 bench: install
 	$(PY) -m revlit.bench --out results/bench/bench.json
+
+## make rst RST=path/to/cifar10_rst_adv.pt.ckpt: convert Carmon et al.'s RST WRN-28-10 into checkpoints/wrn28_10_rst.pt.
+rst: install
+	$(PY) -m revlit.models.rst $(RST) checkpoints/wrn28_10_rst.pt
 
 ## make classifiers: retrain the shipped classifiers (~40 + 15 min here).
 classifiers: install
