@@ -32,6 +32,9 @@ implemented here on batches without a per-image python loop:
 Randomness: every parameter is drawn on the CPU from the given ``torch.Generator`` (or torch's
 global CPU generator when ``None``) in a fixed order, then moved to the images' device, so a seeded
 generator gives the same views on any device and for the clean and the attacked version of a batch.
+A sequence of N generators (one per image) may be given instead: image i's views then come from
+generator i alone, in either mode, so they do not depend on which other images share the batch
+(the batch-independent purifier of :mod:`revlit.defenses.bank` relies on this).
 """
 
 from __future__ import annotations
@@ -253,16 +256,36 @@ class SimCLRViews(nn.Module):
         n_views: int,
         h: int = 32,
         w: int = 32,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The parameters of ``forward`` for a batch of ``n`` images, one row per output view.
+
+        Args:
+            n: images in the batch.
+            n_views: views per image.
+            h, w: image size.
+            generator: one CPU generator for the batch, ``None`` (torch's global one), or a
+                sequence of ``n`` generators: image i's ``n_views`` parameter sets are then drawn
+                from generator i alone (the same draws in both modes), independent of the batch.
 
         Returns:
             dict of CPU tensors with first dim ``n_views * n`` (view-major): ``boxes`` (top, left,
             height, width), ``flip``, ``apply_jitter``, ``order`` (index into the 24 orders of
             brightness/contrast/saturation/hue), ``factors`` (brightness, contrast, saturation
-            factors and hue shift), ``gray``. In ``shared`` mode rows of the same view are equal.
+            factors and hue shift), ``gray``. In ``shared`` mode with one generator, rows of the
+            same view are equal.
         """
+        if generator is not None and not isinstance(generator, torch.Generator):
+            gens = list(generator)
+            if len(gens) != n:
+                raise ValueError(f"got {len(gens)} view generators for {n} images")
+            per = [self._draw(n_views, h, w, g) for g in gens]  # per[i][k][v]: image i, view v
+            return {
+                k: torch.stack([p[k] for p in per], dim=1).reshape(
+                    n_views * n, *per[0][k].shape[1:]
+                )
+                for k in per[0]
+            }
         if self.mode == "shared":
             p = self._draw(n_views, h, w, generator)
             return {k: v.repeat_interleave(n, dim=0) for k, v in p.items()}
@@ -316,14 +339,18 @@ class SimCLRViews(nn.Module):
         return out.index_select(0, torch.argsort(perm).to(x.device))
 
     def forward(
-        self, x: torch.Tensor, n_views: int, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        n_views: int,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """``n_views`` random views of every image, view-major.
 
         Args:
             x: images in [0, 1], float, shape (N, 3, H, W); may require grad.
             n_views: number of views per image (>= 1).
-            generator: CPU ``torch.Generator`` for every random draw (``None``: torch's global one).
+            generator: CPU ``torch.Generator`` for every random draw (``None``: torch's global one),
+                or a sequence of N generators, one per image (see :meth:`draw_params`).
 
         Returns:
             (n_views * N, 3, size, size) views in [0, 1]; row ``v * N + i`` is view ``v`` of
