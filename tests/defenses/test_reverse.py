@@ -81,7 +81,9 @@ def test_delta_stays_in_ball_and_box(norm, eps, step):
     x = images(8)
     x[:, :, :4] = 0.0  # pixels on the faces of the box, where clipping matters
     x[:, :, -4:] = 1.0
-    pur = ReversePurifier(clf, head, loss, SimCLRViews(), norm=norm, eps=eps, step_size=step, steps=6)
+    pur = ReversePurifier(
+        clf, head, loss, SimCLRViews(), norm=norm, eps=eps, step_size=step, steps=6
+    )
     x_rep, _ = pur.purify(x, gen(1))
     d = (x_rep - x).reshape(8, -1)
     size = d.abs().amax(1) if norm is Norm.LINF else d.norm(dim=1)

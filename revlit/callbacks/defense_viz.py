@@ -1,0 +1,153 @@
+"""Pictures of the defense: an input / reverse vector / repaired grid and SSL-loss histograms.
+
+Per evaluated split (Mao et al., ICCV 2021, show both kinds of figure):
+
+- ``defense_grid.png``: rows = the input (e.g. attacked) images, the reverse vector δ_r rescaled to
+  be visible (0.5 grey = no change, per image ``0.5 + δ / (2 max|δ|)``), the repaired images;
+- ``ssl_hist.png``: histograms of the per-image SSL loss before and after the defense;
+- the same grid and both histograms in TensorBoard (``add_image`` / ``add_histogram``) under
+  ``defense/<split>/<method>``.
+
+The images come from the first batch of rank 0 (``DefenseModule.viz``); the histogram from the
+merged predictions of a :class:`revlit.callbacks.defense_writer.DefenseWriter` when one is in the
+trainer (predict), else from every rank's values gathered at the end of the epoch (test).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from revlit.callbacks.visualize import log_grid_tensorboard, perturbation_to_image, save_grid_png
+
+log = logging.getLogger("revlit")
+
+
+def save_ssl_histogram(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    path: str | os.PathLike,
+    title: str = "",
+    bins: int = 40,
+) -> Path:
+    """Overlaid histograms of per-image SSL losses before and after the defense (PNG, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    b = before.detach().double().cpu().reshape(-1).numpy()
+    a = after.detach().double().cpu().reshape(-1).numpy()
+    lo, hi = float(min(b.min(), a.min())), float(max(b.max(), a.max()))
+    if hi <= lo:
+        hi = lo + 1e-6
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(b, bins=bins, range=(lo, hi), alpha=0.55, label=f"before (mean {b.mean():.3f})")
+    ax.hist(a, bins=bins, range=(lo, hi), alpha=0.55, label=f"after (mean {a.mean():.3f})")
+    ax.set_xlabel("per-image SSL loss")
+    ax.set_ylabel("images")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, p)
+    return p
+
+
+def defense_rows(x: torch.Tensor, x_def: torch.Tensor) -> tuple[list[torch.Tensor], list[str]]:
+    """Grid rows (input, visible reverse vector, repaired) and their titles."""
+    return [x, perturbation_to_image(x_def - x), x_def], ["input", "δ (rescaled)", "defended"]
+
+
+class DefenseViz(pl.Callback):
+    """Write the defense grid and the SSL-loss histograms of a predict or test run (rank 0).
+
+    Args:
+        out_dir: folder of the PNGs; default: the DefenseWriter's output folder, else the
+            logger's log_dir, else ``results/defense``.
+        bins: histogram bins.
+    """
+
+    def __init__(self, out_dir: str | None = None, bins: int = 40) -> None:
+        self.out_dir, self.bins = out_dir, bins
+        self.paths: list[Path] = []
+
+    def _out_dir(self, trainer) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        for cb in trainer.callbacks:
+            if hasattr(cb, "output_dir") and hasattr(cb, "records"):
+                return Path(cb.output_dir)
+        log_dir = getattr(trainer, "log_dir", None)
+        return Path(log_dir) if log_dir else Path("results/defense")
+
+    @staticmethod
+    def _split(trainer) -> str:
+        dm = getattr(trainer, "datamodule", None)
+        return Path(str(getattr(dm, "eval_set", "data"))).name
+
+    def _write(self, trainer, pl_module, before, after) -> None:
+        out = self._out_dir(trainer)
+        split, method = self._split(trainer), getattr(pl_module, "defense", "defense")
+        tag = f"defense/{split}/{method}"
+        exp = getattr(trainer.logger, "experiment", None) if trainer.logger else None
+        viz = getattr(pl_module, "viz", None)
+        if viz is not None and method != "none":
+            rows, titles = defense_rows(viz["x"], viz["x_def"])
+            self.paths.append(save_grid_png(rows, titles, out / "defense_grid.png"))
+            if trainer.logger is not None:
+                log_grid_tensorboard(trainer.logger, f"{tag}/grid", rows, step=0)
+        if before is not None and before.numel() > 0:
+            title = f"{split}: SSL loss before / after {method}"
+            self.paths.append(
+                save_ssl_histogram(before, after, out / "ssl_hist.png", title, self.bins)
+            )
+            if exp is not None and hasattr(exp, "add_histogram"):
+                exp.add_histogram(f"{tag}/ssl_before", before.float(), 0)
+                exp.add_histogram(f"{tag}/ssl_after", after.float(), 0)
+                if hasattr(exp, "flush"):
+                    exp.flush()
+
+    @staticmethod
+    def _local(pl_module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        seen = getattr(pl_module, "ssl_seen", None) or []
+        if not seen:
+            return None, None
+        return torch.cat([b for b, _ in seen]), torch.cat([a for _, a in seen])
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.paths = []
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        merged = None
+        for cb in trainer.callbacks:
+            if getattr(cb, "merged", None) is not None and "ssl_before" in cb.merged:
+                merged = cb.merged
+        if merged is not None:
+            before, after = merged["ssl_before"], merged["ssl_after"]
+        else:
+            before, after = self._local(pl_module)
+        self._write(trainer, pl_module, before, after)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.paths = []
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        before, after = self._local(pl_module)
+        if before is None:
+            return
+        if trainer.world_size > 1:  # collective: every rank takes part (shards are equal-sized)
+            before = pl_module.all_gather(before.to(pl_module.device)).reshape(-1).cpu()
+            after = pl_module.all_gather(after.to(pl_module.device)).reshape(-1).cpu()
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, before, after)

@@ -1,0 +1,52 @@
+"""``python -m revlit.evaluate``: one table + one record per (split, defense), one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from revlit.data.cifar import load_cifar10
+from revlit.data.stored import save_stored_set
+from revlit.evaluate import main
+from revlit.models.checkpoint import sha256_file
+from tests.modules.test_defense import write_head
+
+
+def test_evaluate_table_and_records(tmp_path, tiny_cifar_dir, tiny_classifier_ckpt, capsys):
+    clf = tiny_classifier_ckpt
+    head = write_head(tmp_path / "head.pt", clf)
+    x, y = load_cifar10(tiny_cifar_dir, train=False)
+    meta = {"name": "tiny_l_inf", "norm": "l_inf", "eps": 8 / 255, "steps": 3,
+            "classifier_sha256": sha256_file(clf)}  # fmt: skip
+    xa = (x[:12].float() / 255 + 4 / 255).clamp(0, 1)
+    save_stored_set(tmp_path / "pgd" / "tiny_l_inf", xa, y[:12], torch.arange(12), meta)
+    out = tmp_path / "res"
+    args = [
+        "--classifier", str(clf), "--head", str(head), "--n", "8", "--batch-size", "4",
+        "--sets", "clean,tiny_l_inf", "--defenses", "none,reverse,noise", "--steps", "1",
+        "--n-views", "2", "--data-dir", str(tiny_cifar_dir), "--pgd-root", str(tmp_path / "pgd"),
+        "--out", str(out), "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    assert main(args) == 0
+    recs = [json.loads(ln) for ln in (out / "records.jsonl").read_text().splitlines()]
+    assert [(r["data"]["split"], r["defense"]["method"]) for r in recs] == [
+        (s, d) for s in ("clean", "tiny_l_inf") for d in ("none", "reverse", "noise")
+    ]
+    assert all(r["n"] == 8 for r in recs)
+    assert recs[3]["attack"]["kind"] == "transfer" and recs[0]["attack"]["kind"] == "none"
+    table = (out / "table.md").read_text()
+    assert table.count("| tiny_l_inf |") == 3 and table.count("| clean |") == 3
+    assert table.strip() in capsys.readouterr().out  # printed as well
+    assert (out / "tiny_l_inf" / "reverse" / "defense_grid.png").is_file()
+    assert any((tmp_path / "logs").rglob("events.out.tfevents*"))
+
+    # a missing set: one line and status 2, or skipped on request
+    bad = [*args[:-2], "--out", str(tmp_path / "r2"), "--sets", "clean,nope", "--defenses", "none"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("revlit: error: stored set 'nope' not found")
+    assert main([*bad, "--skip-missing"]) == 0
+    assert "skipped (missing): nope" in (tmp_path / "r2" / "table.md").read_text()
+    assert not os.path.exists(tmp_path / "r2" / "nope")
