@@ -306,11 +306,16 @@ def convergence_check(
 
 
 # ------------------------------------------------------------------------------- verdict
-def verdict(rows: Sequence[RowSummary]) -> str:
+def verdict(
+    rows: Sequence[RowSummary],
+    converged: bool | None = None,
+    sweep_reaches_zero_: bool | None = None,
+) -> str:
     """A plain-words verdict: adaptive defended accuracy vs. static APGD accuracy, with intervals.
 
     Compares the per-example worst case over all rows (what a user can count on) with the
-    undefended classifier's accuracy under APGD-CE + APGD-DLR (the static reference).
+    undefended classifier's accuracy under APGD-CE + APGD-DLR (the static reference), and adds the
+    caveats of the convergence check and the ε sweep when they failed.
     """
     by = {s.name: s for s in rows}
     worst = by.get(WORST)
@@ -348,6 +353,16 @@ def verdict(rows: Sequence[RowSummary]) -> str:
         lines.append(
             f"Transfer attacks (computed on the undefended classifier) report up to "
             f"{100 * transfer:.1f} % defended accuracy; that number overstates robustness."
+        )
+    if converged is False:
+        lines.append(
+            "The attacks had not converged (doubling iterations, EOT samples or restarts moved "
+            "the worst case by 1 point or more): the true worst case may be lower still."
+        )
+    if sweep_reaches_zero_ is False:
+        lines.append(
+            "Defended accuracy did not fall to about 0 at the largest ε of the sweep: the attack "
+            "may suffer from gradient masking, so treat these accuracies as upper bounds."
         )
     lines.append(
         f"The number to count on is the worst case, {100 * worst.worst:.1f} %, "

@@ -487,7 +487,8 @@ class AdaptiveModule(pl.LightningModule):
             conv = report.convergence_check(
                 merged, "bpda_apgd_ce", {name: v[0] for name, v in CONVERGENCE.items()}
             )
-        verdict = report.verdict(rows)
+        reaches_zero = report.sweep_reaches_zero(points)
+        verdict = report.verdict(rows, conv["converged"] if conv else None, reaches_zero)
         n = int(merged["index"].numel())
         ci, hi = self.classifier_info, self.head_info
         data = {
@@ -554,8 +555,12 @@ class AdaptiveModule(pl.LightningModule):
                 rec["adaptive"]["static_accuracy_apgd_dlr"] = float(
                     merged["transfer_apgd.static_dlr"].double().mean()
                 )
-            if s.name == "bpda_apgd_ce" and conv is not None:
+            if s.name in ("bpda_apgd_ce", report.WORST) and conv is not None:
                 rec["adaptive"]["convergence"] = conv
+            if s.name == report.WORST:
+                rec["adaptive"]["eps_sweep"] = points
+                rec["adaptive"]["eps_sweep_reaches_zero"] = reaches_zero
+                rec["adaptive"]["verdict"] = verdict
             records.append(rec)
             save_record(rec, out / f"record_{s.name}.json")
         save_jsonl(records, out / "records.jsonl")
@@ -563,7 +568,7 @@ class AdaptiveModule(pl.LightningModule):
             "title": title,
             "rows": [s.as_dict() for s in rows],
             "eps_sweep": points,
-            "eps_sweep_reaches_zero": report.sweep_reaches_zero(points),
+            "eps_sweep_reaches_zero": reaches_zero,
             "eps_sweep_plot": str(plot) if plot else None,
             "convergence": conv,
             "verdict": verdict,
@@ -576,7 +581,10 @@ class AdaptiveModule(pl.LightningModule):
         lines = [table]
         if points:
             sweep = ", ".join(f"{p['eps_255']:.3g}: {100 * p['worst']:.1f}" for p in points)
-            lines.append(f"ε sweep (ε·255: defended worst-case %): {sweep}  -> {plot}")
+            zero = {True: "reaches ~0", False: "does NOT reach ~0 (gradient masking?)"}
+            lines.append(
+                f"ε sweep (ε·255: defended worst-case %): {sweep}; {zero[reaches_zero]} -> {plot}"
+            )
         if conv is not None:
             moved = ", ".join(
                 f"{k} " + ("not run" if v is None else f"{100 * v['delta']:+.1f} pt")
