@@ -341,8 +341,9 @@ class AdaptiveModule(pl.LightningModule):
         with counting_passes(self.net) as count, torch.enable_grad():
             if row == "transfer_pgd":
                 res = pgd_attack(
-                    self.net, x, y, self.norm, eps, None, self.transfer_pgd_steps, 1, "ce",
-                    True, example_generators(self.seed, idx),
+                    self.net, x, y, norm=self.norm, eps=eps, steps=self.transfer_pgd_steps,
+                    restarts=1, loss="ce", random_start=True,
+                    generator=example_generators(self.seed, idx),
                 )  # fmt: skip
                 x_adv, static = res.x_adv, res.pred == y
             elif row == "transfer_apgd":
