@@ -13,7 +13,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: install test demo attacks evaluate bench classifiers rst lint format clean-venv
+.PHONY: install test demo attacks evaluate bench adaptive classifiers rst lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,13 @@ bench: install
 ## make rst RST=path/to/cifar10_rst_adv.pt.ckpt: convert Carmon et al.'s RST WRN-28-10 into checkpoints/wrn28_10_rst.pt.
 rst: install
 	$(PY) -m revlit.models.rst $(RST) checkpoints/wrn28_10_rst.pt
+
+## make adaptive: attack the defended classifier itself (transfer / defense-aware / BPDA+EOT rows, per-example
+## worst case, eps-sweep PNG, convergence check); table + JSON records under results/adaptive_$(ADAPTIVE)/.
+## ADAPTIVE=cheap (2-core CPU preset) or ADAPTIVE=full (GPU preset); ADAPTIVE_N=<n> overrides n.
+ADAPTIVE ?= cheap
+adaptive: install
+	$(PY) cli.py test --config configs/adaptive/$(ADAPTIVE).yaml $(if $(ADAPTIVE_N),--data.init_args.test_subset $(ADAPTIVE_N))
 
 ## make classifiers: retrain the shipped classifiers (~40 + 15 min here).
 classifiers: install
