@@ -18,9 +18,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from revlit.studies import STUDIES, get_study
 from revlit.studies.context import add_common_args, context_from_args
+
+
+def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
+    """Option defaults from a YAML mapping (``configs/studies/<study>.yaml``).
+
+    Keys are option names (``steps-grid`` or ``steps_grid``); lists become comma-separated
+    strings. Unknown keys are refused (one line).
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"study config not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"study config {p} must be a mapping of option: value")
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise ValueError(f"study config {p}: unknown option '{key}'")
+        out[dest] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     sub = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    p._studies = sub  # the sub-parsers, for --config
     for name in (*STUDIES, "all"):
         sp = sub.add_parser(name, help=get_study(name).TITLE if name != "all" else "every study")
         add_common_args(sp)
         if name != "all":  # ``all`` runs every study with its own defaults
             get_study(name).add_args(sp)
+            sp.add_argument("--config", default=None, help="YAML of option defaults")
     return p
 
 
@@ -53,8 +80,13 @@ def run_study(name: str, args: argparse.Namespace, ctx) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):  # config values become defaults; flags still win
+            sp = parser._studies.choices[args.study]
+            sp.set_defaults(**load_config(args.config, sp))
+            args = parser.parse_args(argv)
         if args.threads:
             import torch
 

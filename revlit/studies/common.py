@@ -338,6 +338,7 @@ class DefenseResult:
     correct: torch.Tensor  # (N,) bool, undefended
     correct_def: dict[int, torch.Tensor]  # steps -> (N,) bool, defended (one key unless traced)
     seconds: float
+    images: dict[int, torch.Tensor] | None = None  # steps -> defended images, if asked for
 
     def accuracy(self, steps: int | None = None) -> float:
         key = max(self.correct_def) if steps is None else steps
@@ -350,23 +351,36 @@ def defend(
     cfg: DefenseConfig,
     trace: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
+    keep_images: bool = False,
 ) -> DefenseResult:
     """Classify ``split`` without and with the defense ``cfg`` (batches of ``cfg.batch_size``).
+
+    With in-batch negatives the randomness is DefenseModule's (per-batch generator, one draw of
+    views for the input's SSL loss, then the defense), so its defended predictions are
+    identical; with the bank each image has its own generator.
 
     Args:
         trace: also classify the iterates after these step counts (see :func:`purify_traced`).
         progress: called with a short status line after every batch.
+        keep_images: also return the defended images (memory: N x 12 KB per traced step).
     """
     pred = predict(parts.classifier, split.x)
     purifier = make_purifier(parts, cfg) if cfg.method == "reverse" else None
     noise = RandomNoise(eps=cfg.eps) if cfg.method == "noise" else None
     keys = sorted(set(trace or []) | {cfg.steps}) if purifier else [0]
     hits: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
+    kept: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
     t0 = time.perf_counter()
     n = len(split)
+    views = parts.views()
     for s in range(0, n, cfg.batch_size):
         xb, yb, ib = (t[s : s + cfg.batch_size] for t in (split.x, split.y, split.idx))
         gen = generators(cfg, ib)
+        if cfg.negatives == "batch":
+            # DefenseModule measures the input's SSL loss on one draw of views from the batch
+            # generator before defending: draw (and discard) the same parameters, so the defense
+            # sees the same random numbers and the row equals `python -m revlit.evaluate`'s.
+            views.draw_params(len(xb), cfg.n_views, xb.shape[2], xb.shape[3], gen)
         if noise is not None:
             outs = {0: noise.purify(xb, gen)}
         elif trace:
@@ -375,10 +389,15 @@ def defend(
             outs = {cfg.steps: purifier.purify(xb, gen)[0]}
         for k, xd in outs.items():
             hits[k].append(predict(parts.classifier, xd) == yb)
+            if keep_images:
+                kept[k].append(xd.detach().cpu())
         if progress is not None:
             progress(f"{split.name} {min(s + cfg.batch_size, n)}/{n}")
     seconds = time.perf_counter() - t0
-    return DefenseResult(pred == split.y, {k: torch.cat(v) for k, v in hits.items()}, seconds)
+    images = {k: torch.cat(v) for k, v in kept.items()} if keep_images else None
+    return DefenseResult(
+        pred == split.y, {k: torch.cat(v) for k, v in hits.items()}, seconds, images
+    )
 
 
 @dataclass

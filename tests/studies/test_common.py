@@ -128,3 +128,33 @@ def test_load_splits_aligns_clean_and_refuses_another_classifier(tmp_path, tiny_
         load_splits(["l_inf"], 4, {"sha256": "b" * 64, "path": "clf.pt"}, None, tmp_path)
     with pytest.raises(FileNotFoundError):
         load_splits(["l_2"], 4, info, None, tmp_path)
+
+
+@pytest.mark.parametrize("defense", ["reverse", "noise"])
+def test_defend_repeats_defense_module_exactly(tmp_path, tiny_classifier_ckpt, defense):
+    # A study row at the default seeding is the number `python -m revlit.evaluate` reports.
+    from revlit.models.checkpoint import sha256_file
+    from revlit.modules.defense import DefenseModule
+    from revlit.ssl.head import save_head
+    from revlit.studies.common import load_parts
+
+    clf = tiny_classifier(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        head = SSLHead(clf.feature_dim, 16, 8)
+    head_path = tmp_path / "head.pt"
+    save_head(head, head_path, sha256_file(tiny_classifier_ckpt), {"loss": "nt_xent"})
+    sp = _split(6)
+    sp.idx = torch.arange(40, 46)
+    mod = DefenseModule(str(tiny_classifier_ckpt), str(head_path), defense=defense, steps=3,
+                        n_views=2, seed=5, viz_images=6)  # fmt: skip
+    out = mod.defend_batch(sp.x, sp.y, sp.idx)
+    parts = load_parts(tiny_classifier_ckpt, head_path, bank=None)
+    cfg = DefenseConfig(steps=3, n_views=2, batch_size=6, seed=5, method=defense)
+    res = defend(parts, sp, cfg, keep_images=True)
+    key = 3 if defense == "reverse" else 0
+    assert torch.equal(res.images[key], mod.viz["x_def"])
+    assert torch.equal(res.correct_def[key], out["pred_def"] == sp.y)
+    other = defend(parts, sp, DefenseConfig(steps=3, n_views=2, batch_size=6, seed=6,
+                                            method=defense), keep_images=True)  # fmt: skip
+    assert not torch.equal(other.images[key], res.images[key])

@@ -54,10 +54,12 @@ def test_cost_frontier_quick(out_dir):
             r for r in rows if r["split"] == split and (r["steps"], r["views"]) == (ref_k, ref_v)
         ]
         assert len(ref) == 1 and ref[0]["delta_vs_reference"] == 0.0
-        # K = 0 is the random start alone: the same for every V (same seeded start)
-        k0 = {r["accuracy"] for r in rows if r["split"] == split and r["steps"] == 0}
-        assert len(k0) == 1
+        grid = {(r["steps"], r["views"]) for r in rows if r["split"] == split}
+        assert len(grid) == len(summary["settings"]["steps_grid"]) * len(
+            summary["settings"]["views_grid"]
+        )
         assert all(r["passes"] == r["steps"] * r["views"] for r in rows)
+        assert all(r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] for r in rows)
 
 
 def test_batch_size_quick(out_dir):
@@ -116,3 +118,18 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert rc == 2 and err == [
         "revlit: error: the reference 3,7 must be on the grid [0, 1, 2] x [2, 3]"
     ]
+
+
+def test_config_file_sets_defaults_flags_win_unknown_keys_refused(out_dir, tmp_path, capsys):
+    cfg = tmp_path / "cost.yaml"
+    cfg.write_text("steps-grid: [0, 1]\nviews_grid: 2\nreference: '1,2'\nn: 8\n")
+    rc = main(["cost_frontier", "--quick", "--quiet", "--out", str(out_dir), "--config", str(cfg),
+               "--n", "6"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out_dir / "cost_frontier" / "cost_frontier.json").read_text())
+    s = summary["settings"]
+    assert (s["steps_grid"], s["views_grid"], s["reference"], s["n"]) == ([0, 1], [2], [1, 2], 6)
+    cfg.write_text("stepz: 3\n")
+    capsys.readouterr()
+    rc = main(["cost_frontier", "--quick", "--quiet", "--out", str(out_dir), "--config", str(cfg)])
+    assert rc == 2 and "unknown option 'stepz'" in capsys.readouterr().err
