@@ -1,0 +1,177 @@
+"""Stored adversarial test sets: a folder of float32 images, labels, test indices and meta.json.
+
+Layout of ``data/pgd/<name>/``::
+
+    images.pt    float32 (N, 3, 32, 32) in [0, 1], exactly the attack's output (no rounding)
+    labels.pt    int64 (N,)   true labels
+    indices.pt   int64 (N,)   CIFAR-10 test indices, ascending
+    meta.json    how the set was made (classifier path + sha256, norm, eps, step, iterations,
+                 restarts, loss, seed, n, accuracy, seconds, commit, date, ...) and the sha256 of
+                 each tensor file
+
+Written atomically: the new set is completed in a sibling temporary folder, then swapped in, so an
+existing set is only replaced by a complete new one. Read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+STORED_FORMAT = "revlit-stored-set/1"
+TENSOR_FILES = ("images.pt", "labels.pt", "indices.pt")
+
+
+class StoredSetError(ValueError):
+    """A stored set is missing or corrupt (message is one line)."""
+
+
+class StoredSetNotFound(StoredSetError, FileNotFoundError):
+    """No stored set in the given folder (message is one line)."""
+
+
+@dataclass
+class StoredSet:
+    """A loaded stored set: images (N,3,H,W) float32, labels (N,), indices (N,), metadata."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_stored_set(
+    folder: str | os.PathLike,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor,
+    meta: dict | None = None,
+) -> Path:
+    """Write a stored set to ``folder`` atomically (temp folder + rename) and return the folder.
+
+    Args:
+        images: float images in [0,1], (N,C,H,W); stored as float32, contiguous NCHW, unrounded.
+        labels, indices: (N,) integer tensors (stored as int64).
+        meta: JSON-serialisable metadata; ``format``, ``n`` and the files' sha256 are added.
+
+    Raises:
+        StoredSetError: mismatched lengths or non-JSON metadata.
+    """
+    folder = Path(folder)
+    if images.dim() != 4 or not (len(images) == len(labels) == len(indices)):
+        raise StoredSetError(
+            f"stored set needs images (N,C,H,W), labels (N,), indices (N,); got "
+            f"{tuple(images.shape)}, {tuple(labels.shape)}, {tuple(indices.shape)}"
+        )
+    tensors = {
+        "images.pt": images.detach().cpu().to(torch.float32).contiguous(),
+        "labels.pt": labels.detach().cpu().to(torch.int64).contiguous(),
+        "indices.pt": indices.detach().cpu().to(torch.int64).contiguous(),
+    }
+    meta = dict(meta or {})
+    meta["format"] = STORED_FORMAT
+    meta["n"] = len(labels)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        files = {}
+        for name, t in tensors.items():
+            torch.save(t, tmp / name)
+            files[name] = _sha256(tmp / name)
+        meta["files_sha256"] = files
+        try:
+            text = json.dumps(meta, indent=2, sort_keys=True)
+        except TypeError as e:
+            raise StoredSetError(f"stored set metadata is not JSON-serialisable: {e}") from None
+        (tmp / "meta.json").write_text(text + "\n")
+        _swap_in(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Replace ``folder`` by the complete ``tmp``: rename the old one away, rename, delete old."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if old is not None:  # put the previous set back
+            os.replace(old, folder)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_stored_set(folder: str | os.PathLike, verify: bool = True) -> StoredSet:
+    """Load a stored set written by :func:`save_stored_set`.
+
+    Args:
+        folder: the set's folder (e.g. ``data/pgd/resnet20_at_l_inf``).
+        verify: compare each tensor file with the sha256 recorded in meta.json.
+
+    Raises:
+        StoredSetNotFound: the folder or one of its files does not exist.
+        StoredSetError: a file is corrupt, unsafe to unpickle, or inconsistent with the others.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StoredSetNotFound(f"stored set not found: {folder} (make it with `make attacks`)")
+    missing = [f for f in (*TENSOR_FILES, "meta.json") if not (folder / f).is_file()]
+    if missing:
+        raise StoredSetNotFound(f"stored set {folder} is incomplete: missing {', '.join(missing)}")
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StoredSetError(f"stored set {folder}: unreadable meta.json ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != STORED_FORMAT:
+        raise StoredSetError(f"stored set {folder}: meta.json is not a {STORED_FORMAT} record")
+    if verify:
+        for name, sha in (meta.get("files_sha256") or {}).items():
+            if name in TENSOR_FILES and _sha256(folder / name) != sha:
+                raise StoredSetError(
+                    f"stored set {folder}: {name} does not match its sha256 in meta.json"
+                )
+    out = {}
+    for name in TENSOR_FILES:
+        try:
+            t = torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling errors are long and multi-line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StoredSetError(f"stored set {folder}: cannot load {name} ({first})") from None
+        if not isinstance(t, torch.Tensor):
+            raise StoredSetError(f"stored set {folder}: {name} does not hold a tensor")
+        out[name] = t
+    images, labels, indices = out["images.pt"], out["labels.pt"], out["indices.pt"]
+    n = len(labels)
+    if images.dim() != 4 or len(images) != n or len(indices) != n or meta.get("n", n) != n:
+        raise StoredSetError(
+            f"stored set {folder}: inconsistent sizes (images {tuple(images.shape)}, "
+            f"labels {n}, indices {len(indices)}, meta n {meta.get('n')})"
+        )
+    if not images.is_floating_point():
+        raise StoredSetError(f"stored set {folder}: images are {images.dtype}, expected float32")
+    return StoredSet(images, labels.long(), indices.long(), meta)
