@@ -13,7 +13,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: install test demo attacks evaluate bench adaptive classifiers rst lint format clean-venv
+.PHONY: install test demo attacks evaluate bench adaptive classifiers ssl rst lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,11 @@ evaluate: install
 ## make bench: purifier and PGD throughput against the hardware bound.
 bench: install
 	$(PY) -m revlit.bench --out results/bench/bench.json
+
+## make ssl: train the SSL heads on the shipped ResNet-20 classifiers (~9 min each here).
+ssl: install
+	$(PY) cli.py fit --config configs/ssl/resnet20_at.yaml
+	$(PY) cli.py fit --config configs/ssl/resnet20_std.yaml
 
 ## make rst RST=path/to/cifar10_rst_adv.pt.ckpt: convert Carmon et al.'s RST WRN-28-10 into checkpoints/wrn28_10_rst.pt.
 rst: install
