@@ -152,8 +152,9 @@ def save_bank(
     p.parent.mkdir(parents=True, exist_ok=True)
     obj = {
         "format": BANK_FORMAT,
-        "embeddings": F.normalize(embeddings.detach().float().cpu(), dim=1).contiguous(),
-        "indices": None if indices is None else indices.detach().long().cpu(),
+        # clone: a slice would otherwise drag its whole parent storage into the file
+        "embeddings": F.normalize(embeddings.detach().float().cpu(), dim=1).clone(),
+        "indices": None if indices is None else indices.detach().long().cpu().clone(),
         "head_sha256": head_sha256,
         "classifier_sha256": classifier_sha256,
         "meta": dict(meta or {}),

@@ -146,6 +146,10 @@ def test_bank_file_round_trip_and_refusals(tmp_path):
     loaded, info = load_bank(path, head_sha256="h" * 64)
     torch.testing.assert_close(loaded, torch.nn.functional.normalize(emb, dim=1))
     assert info["sha256"] == sha and info["m"] == 12 and info["classifier_sha256"] == "c" * 64
+    # a slice of a big tensor (e.g. randperm(50000)[:m]) must not drag its storage into the file
+    big = tmp_path / "sliced_bank.pt"
+    save_bank(big, emb, "h" * 64, "c" * 64, torch.randperm(200_000)[:12])
+    assert big.stat().st_size < 20_000
     with pytest.raises(CheckpointError, match="computed with head hhhh"):
         load_bank(path, head_sha256="x" * 64)
     load_bank(path, head_sha256="x" * 64, allow_mismatch=True)
