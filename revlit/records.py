@@ -19,7 +19,7 @@ traced back and rerun::
 
 ``accuracy`` is the fraction of the ``n`` examples classified correctly, ``loss`` the mean
 cross-entropy; the SSL losses are per-image contrastive losses averaged over the split (before =
-the input as given, after = the defended input). ``seconds_per_image`` is compute time per image on
+the input as given, after = the defended input, both measured on the same draw of views). ``seconds_per_image`` is compute time per image on
 one device; ``wall_seconds_per_image`` the run's wall time divided by n (all ranks together).
 """
 

@@ -43,6 +43,8 @@ INFERENCE_MODE_MSG = (
 )
 # batch generator seed = seed * SEED_STRIDE + first test index of the batch (indices < 2**24)
 SEED_STRIDE = 1 << 24
+# the paired before/after SSL-loss measurement draws its views from seed ^ DIAG_SALT
+DIAG_SALT = 0x5EED5EED
 
 
 def batch_seed(seed: int, first_index: int) -> int:
@@ -212,7 +214,7 @@ class DefenseModule(pl.LightningModule):
 
         ``none``/``noise``: 1 forward. ``reverse``: (steps + 1)·n_views forward + steps·n_views
         input-gradient backward passes over views, + 1 forward to classify. The diagnostic SSL
-        losses (before, and after the noise) are not counted.
+        losses (before and after, n_views forward passes each) are not counted.
         """
         defense = defense or self.defense
         if defense == "reverse":
@@ -267,7 +269,9 @@ class DefenseModule(pl.LightningModule):
 
         Keys: ``index``, ``label``, ``pred``/``loss`` (no defense: prediction and cross-entropy),
         ``pred_def``/``loss_def`` (defended), ``ssl_before``/``ssl_after`` (per-image contrastive
-        loss of the input and of the defended input, each on one draw of fresh views),
+        loss of the input and of the defended input, PAIRED: both on the same draw of views, from a
+        generator of their own, so their difference is not view noise; diagnostic, not counted in
+        the defense's cost),
         ``delta_linf``/``delta_l2`` (size of the defense's change), ``sec_none``/``sec_def``
         (compute seconds per image of the undefended and the defended prediction), and for the
         reverse attack ``ssl_steps`` (N, steps + 1) and ``selected_step`` (N,).
@@ -278,29 +282,32 @@ class DefenseModule(pl.LightningModule):
         check_images(x, "input images")
         if idx.numel() == 0:
             raise ValueError("empty batch")
-        gen = torch.Generator().manual_seed(batch_seed(self.seed, int(idx[0])))
+        seed = batch_seed(self.seed, int(idx[0]))
+        gen = torch.Generator().manual_seed(seed)  # the defense's start and views
+
+        def diag_gen() -> torch.Generator:  # the before/after measurement's views (paired)
+            return torch.Generator().manual_seed(seed ^ DIAG_SALT)
+
         t0 = time.perf_counter()
         pred, ce = self._classify(x, y)
         t1 = time.perf_counter()
-        ssl_before = self.purifier.ssl_loss(x, gen)
+        ssl_before = self.purifier.ssl_loss(x, diag_gen())
         t2 = time.perf_counter()
         out: dict[str, torch.Tensor] = {}
         if self.defense == "reverse":
             x_def, steps_loss = self.purifier.purify(x, gen)
-            sel = self.purifier.selected_step
-            ssl_after = steps_loss.gather(1, sel.view(-1, 1)).squeeze(1)
             out["ssl_steps"] = steps_loss
-            out["selected_step"] = sel
+            out["selected_step"] = self.purifier.selected_step
         elif self.defense == "noise":
             x_def = self.noise.purify(x, gen)
         else:
             x_def = x
         pred_def, ce_def = self._classify(x_def, y)
         t3 = time.perf_counter()
-        if self.defense == "noise":  # diagnostic only: not part of the defense's cost
-            ssl_after = self.purifier.ssl_loss(x_def, gen)
-        elif self.defense == "none":
+        if self.defense == "none":
             ssl_after = ssl_before
+        else:  # diagnostic only: not part of the defense's cost
+            ssl_after = self.purifier.ssl_loss(x_def, diag_gen())
         n = len(y)
         delta = (x_def - x).reshape(n, -1).float()
         if self.viz_images > 0 and self.viz is None:

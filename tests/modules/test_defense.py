@@ -83,7 +83,8 @@ def test_predict_writes_sorted_predictions_records_and_pictures(tmp_path, tiny_c
         float((pred["pred_def"] == pred["label"]).float().mean())
     )
     assert rev["loss"] == pytest.approx(float(pred["loss_def"].double().mean()))
-    assert rev["ssl_loss_after"] == pytest.approx(float(pred["ssl_steps"][:, -1].double().mean()))
+    assert rev["ssl_loss_after"] == pytest.approx(float(pred["ssl_after"].double().mean()))
+    assert not torch.equal(pred["ssl_after"], pred["ssl_before"])
     assert rev["defense"]["steps"] == 2 and rev["defense"]["batch_size"] == 8
     assert rev["passes_per_image"] == (3 * 2 + 2 * 2) + 1
     assert rev["head"]["sha256"] == sha256_file(head)
@@ -107,6 +108,19 @@ def test_test_metrics_match_predict_for_the_same_batches(tmp_path, tiny_cifar_di
     assert metrics["test/ssl_after_noise"] == pytest.approx(
         float(pred["ssl_after"].mean()), rel=1e-5
     )
+
+
+def test_ssl_before_and_after_are_paired(tmp_path, tiny_cifar_dir, ckpts):
+    """Same views before and after: a defense that changes nothing gives exactly the same loss."""
+    clf, head = ckpts
+    module = DefenseModule(str(clf), str(head), defense="noise", eps=0.0, **FAST)
+    x, y = load_cifar10(tiny_cifar_dir, train=False)
+    out = module.defend_batch(x[:8].float() / 255, y[:8], torch.arange(8))
+    assert torch.equal(out["ssl_after"], out["ssl_before"])
+    noisy = DefenseModule(str(clf), str(head), defense="noise", eps="16/255", **FAST)
+    out2 = noisy.defend_batch(x[:8].float() / 255, y[:8], torch.arange(8))
+    assert torch.equal(out2["ssl_before"], out["ssl_before"])
+    assert not torch.equal(out2["ssl_after"], out2["ssl_before"])
 
 
 def test_predict_refuses_inference_mode(tmp_path, tiny_cifar_dir, ckpts):
