@@ -22,7 +22,9 @@ def as_float(value: float | int | str, name: str = "value") -> float:
             else:
                 out = float(text)
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{name}: cannot read '{value}' as a number (e.g. 0.5 or 8/255)") from None
+            raise ValueError(
+                f"{name}: cannot read '{value}' as a number (e.g. 0.5 or 8/255)"
+            ) from None
     if not math.isfinite(out):
         raise ValueError(f"{name} must be finite, got {value}")
     return out

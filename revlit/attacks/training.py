@@ -21,7 +21,11 @@ def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 def fgsm_rs(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: float = 10 / 255
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float = 8 / 255,
+    alpha: float = 10 / 255,
 ) -> torch.Tensor:
     """FGSM with a uniform random start (Wong, Rice & Kolter, ICLR 2020, "Fast is better than free").
 

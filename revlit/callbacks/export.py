@@ -26,7 +26,9 @@ def git_commit() -> str:
             text=True,
             timeout=5,
         ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return (
+            out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -57,7 +59,9 @@ class ExportClassifier(pl.Callback):
         if value is None:
             return
         value = float(value)
-        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        better = self.best is None or (
+            value > self.best if self.mode == "max" else value < self.best
+        )
         if not better:
             return
         self.best = value

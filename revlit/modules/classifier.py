@@ -53,7 +53,9 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if adversarial not in ADVERSARIAL:
-            raise ValueError(f"adversarial must be one of {', '.join(ADVERSARIAL)}, got '{adversarial}'")
+            raise ValueError(
+                f"adversarial must be one of {', '.join(ADVERSARIAL)}, got '{adversarial}'"
+            )
         self.save_hyperparameters(ignore=["net"])
         self.checkpoint_info: dict | None = None
         if checkpoint is not None:
@@ -124,7 +126,7 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for n, p in self.net.named_parameters():
+        for p in self.net.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
         opt = torch.optim.SGD(
             [
