@@ -372,15 +372,11 @@ def defend(
     kept: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
     t0 = time.perf_counter()
     n = len(split)
-    views = parts.views()
     for s in range(0, n, cfg.batch_size):
         xb, yb, ib = (t[s : s + cfg.batch_size] for t in (split.x, split.y, split.idx))
+        # DefenseModule's batch generator feeds the defense alone (its SSL-loss diagnostics draw
+        # from a generator of their own), so the row equals `python -m revlit.evaluate`'s.
         gen = generators(cfg, ib)
-        if cfg.negatives == "batch":
-            # DefenseModule measures the input's SSL loss on one draw of views from the batch
-            # generator before defending: draw (and discard) the same parameters, so the defense
-            # sees the same random numbers and the row equals `python -m revlit.evaluate`'s.
-            views.draw_params(len(xb), cfg.n_views, xb.shape[2], xb.shape[3], gen)
         if noise is not None:
             outs = {0: noise.purify(xb, gen)}
         elif trace:
@@ -537,6 +533,7 @@ class StudyOutput:
         self.name = name
         self.rows: list[dict] = []
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
 
     def add(self, **row) -> dict:
         self.rows.append(row)
@@ -570,6 +567,7 @@ class StudyOutput:
     ) -> dict:
         """Write every output; copy the PNG and the markdown to ``docs_dir`` if given."""
         wall = time.perf_counter() - self.t0
+        cpu = time.process_time() - self.cpu0  # all threads of this process
         with open(self.dir / "rows.jsonl", "w") as f:
             for r in self.rows:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
@@ -578,6 +576,7 @@ class StudyOutput:
             "title": title,
             "settings": settings,
             "wall_seconds": round(wall, 1),
+            "cpu_seconds": round(cpu, 1),
             "findings": list(findings),
             "rows": len(self.rows),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -592,7 +591,8 @@ class StudyOutput:
         md = [
             f"### {title}",
             "",
-            f"{caption} Wall time {wall / 60:.1f} min.",
+            f"{caption} Wall time {wall / 60:.1f} min ({cpu / 60:.1f} CPU-min on a shared "
+            "2-core machine).",
             "",
             table.rstrip(),
             "",
