@@ -540,6 +540,29 @@ class StudyOutput:
         return row
 
     @property
+    def state_path(self) -> Path:
+        return self.dir / "state.pt"
+
+    def timing(self) -> dict:
+        """Wall and CPU seconds since this output was created (the measurement's cost)."""
+        return {
+            "wall": time.perf_counter() - self.t0,
+            "cpu": time.process_time() - self.cpu0,
+        }
+
+    def save_state(self, state: dict) -> None:
+        """Keep what a study measured (tensors and plain data), so ``--rerender`` can rebuild the
+        table, figure and findings without measuring again."""
+        torch.save(state, self.state_path)
+
+    def load_state(self) -> dict:
+        if not self.state_path.is_file():
+            raise FileNotFoundError(
+                f"no measured state at {self.state_path}: run the study without --rerender first"
+            )
+        return torch.load(self.state_path, weights_only=False)
+
+    @property
     def png(self) -> Path:
         return self.dir / f"{self.name}.png"
 
@@ -564,10 +587,14 @@ class StudyOutput:
         table: str,
         findings: Sequence[str],
         docs_dir: str | os.PathLike | None = None,
+        timing: dict | None = None,
     ) -> dict:
-        """Write every output; copy the PNG and the markdown to ``docs_dir`` if given."""
-        wall = time.perf_counter() - self.t0
-        cpu = time.process_time() - self.cpu0  # all threads of this process
+        """Write every output; copy the PNG and the markdown to ``docs_dir`` if given.
+
+        ``timing``: the measurement's ``{"wall", "cpu"}`` seconds (default: since creation).
+        """
+        t = timing or self.timing()
+        wall, cpu = t["wall"], t["cpu"]  # cpu: all threads of this process
         with open(self.dir / "rows.jsonl", "w") as f:
             for r in self.rows:
                 f.write(json.dumps(r, sort_keys=True) + "\n")

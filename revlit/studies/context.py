@@ -80,6 +80,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--allow-mismatch", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--rerender",
+        action="store_true",
+        help="rebuild table/figure/findings from <out>/<study>/state.pt (no measuring)",
+    )
 
 
 def context_from_args(args: argparse.Namespace) -> Context:

@@ -23,7 +23,6 @@ from revlit.studies.common import (
     markdown_table,
     mean_std,
     seed_runs,
-    sha12,
     ssl_scores,
 )
 from revlit.studies.context import Context
@@ -69,10 +68,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> dict:
     if ctx.quick:
         apply_quick(args, QUICK, add_args)
+    out = StudyOutput(ctx.out, NAME)
+    if args.rerender:
+        return report(out.load_state(), out, ctx)
+    state = measure(args, ctx, out)
+    out.save_state(state)
+    return report(state, out, ctx)
+
+
+def measure(args: argparse.Namespace, ctx: Context, out: StudyOutput) -> dict:
+    """Train (or reuse) one head per batch; SSL losses and defended runs per head and split."""
     n = args.n or 200
     batches = sorted(set(_ints(args.head_batches)))
     seeds = _ints(args.seeds)
-    out = StudyOutput(ctx.out, NAME)
     base = ctx.parts()
     names = ["clean", "l_inf"]
     splits = ctx.splits(names, n)
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     cfg = DefenseConfig(
         steps=args.steps, n_views=args.views, batch_size=args.batch_size, loss=args.loss
     )
-    rows, table, runs_by = [], [], {}
+    heads = {}
     for b in batches:
         spec = HeadSpec(
             loss=args.loss,
@@ -101,30 +109,68 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             )
             for nm in names
         }
+        runs = {}
+        for nm in names:
+            ctx.log(f"{NAME}: head batch {b}: defense on {nm}")
+            runs[nm] = seed_runs(parts, splits[nm], cfg, seeds)
+        heads[b] = {
+            "steps": spec.steps,
+            "sha256": info["sha256"],
+            "meta": info["meta"],
+            "ssl": ssl,
+            "runs": runs,
+        }
+    keep = ("head_batches", "budget", "loss", "lr", "head_seed", "hidden", "out_dim", "seeds",
+            "steps", "views", "batch_size", "draws", "n_boot")  # fmt: skip
+    return {
+        "args": {k: getattr(args, k) for k in keep},
+        "batches": batches,
+        "seeds": seeds,
+        "heads": heads,
+        "info": {
+            "n": len(splits["clean"]),
+            "labels": {nm: splits[nm].label for nm in names},
+            "sets": describe_sets(splits),
+            "classifier_sha256": base.classifier_info["sha256"],
+            "quick": ctx.quick,
+        },
+        "timing": out.timing(),
+    }
+
+
+def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
+    """Table, figure and findings from a measured state."""
+    args = argparse.Namespace(**state["args"])
+    batches, seeds, info = state["batches"], state["seeds"], state["info"]
+    names = ["clean", "l_inf"]
+    labels = info["labels"]
+    rows, table, runs_by = [], [], {}
+    for b in batches:
+        h = state["heads"][b]
+        ssl = h["ssl"]
         d_ssl = bootstrap_ci(ssl["l_inf"] - ssl["clean"], args.n_boot)
         row = {
             "head_batch": b,
-            "head_steps": spec.steps,
+            "head_steps": h["steps"],
             "budget": args.budget,
-            "head_sha256": info["sha256"],
-            "head_train_loss_last": info["meta"].get("train_loss_last"),
-            "head_seconds": info["meta"].get("seconds"),
+            "head_sha256": h["sha256"],
+            "head_train_loss_last": h["meta"].get("train_loss_last"),
+            "head_seconds": h["meta"].get("seconds"),
             "ssl_clean": float(ssl["clean"].mean()),
             "ssl_attacked": float(ssl["l_inf"].mean()),
             "ssl_attacked_minus_clean": d_ssl[0],
             "ssl_attacked_minus_clean_ci": [d_ssl[1], d_ssl[2]],
             "seeds": seeds,
-            "n": len(splits["clean"]),
+            "n": info["n"],
         }
         cells = [
             str(b),
-            str(spec.steps),
+            str(h["steps"]),
             f"{row['ssl_clean']:.3f}",
             f"{d_ssl[0]:+.3f} [{d_ssl[1]:+.3f}, {d_ssl[2]:+.3f}]",
         ]
         for nm in names:
-            ctx.log(f"{NAME}: head batch {b}: defense on {nm}")
-            runs = seed_runs(parts, splits[nm], cfg, seeds)
+            runs = h["runs"][nm]
             runs_by[b, nm] = runs
             per_image = runs.defended.double().mean(0)
             acc = bootstrap_ci(per_image, args.n_boot)
@@ -140,9 +186,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     findings = []
     und = {nm: 100 * rows[0][f"{nm}_undefended"] for nm in names}
     findings.append(
-        "Undefended accuracy: "
-        + ", ".join(f"{splits[nm].label} {und[nm]:.1f} %" for nm in names)
-        + "."
+        "Undefended accuracy: " + ", ".join(f"{labels[nm]} {und[nm]:.1f} %" for nm in names) + "."
     )
     if len(batches) >= 2:
         lo_b, hi_b = batches[0], batches[-1]
@@ -154,7 +198,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             )
             verdict = "within noise" if d[1] <= 0 <= d[2] else "a real difference"
             findings.append(
-                f"{splits[nm].label}: head batch {hi_b} minus {lo_b}: {fmt_ci(*d)} pp defended "
+                f"{labels[nm]}: head batch {hi_b} minus {lo_b}: {fmt_ci(*d)} pp defended "
                 f"accuracy (paired 95 % CI) — {verdict}."
             )
     for r in rows:
@@ -180,9 +224,9 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             marker="o",
             capsize=3,
             color=colour,
-            label=f"defended {splits[nm].label}",
+            label=f"defended {labels[nm]}",
         )
-        ax.axhline(und[nm], color=colour, ls=":", lw=1, label=f"undefended {splits[nm].label}")
+        ax.axhline(und[nm], color=colour, ls=":", lw=1, label=f"undefended {labels[nm]}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
@@ -191,19 +235,19 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     ax.set_title("Defended accuracy by head-training batch", fontsize=10)
     ax.legend(fontsize=7)
     caption = (
-        f"n = {len(splits['clean'])} test images (clean, and the stored transfer set "
-        f"{describe_sets(splits)}). Heads {args.hidden}→{args.out_dim}, {args.loss}, 2 views, Adam "
+        f"n = {info['n']} test images (clean, and the stored transfer set "
+        f"{info['sets']}). Heads {args.hidden}→{args.out_dim}, {args.loss}, 2 views, Adam "
         f"lr {args.lr:g}, seed {args.head_seed}, {args.budget} training images each "
         f"(steps = budget / batch). Purifier K={args.steps}, V={args.views}, ε_r=16/255, step "
         f"2/255, batch {args.batch_size}, seeds {seeds}. Error bars: 95 % bootstrap CI over images. "
-        f"Classifier {sha12(base.classifier_info)}."
+        f"Classifier {info['classifier_sha256'][:12]}."
     )
     out.save_figure(fig, caption)
     header = ["head batch", "steps", "SSL loss clean", "Linf − clean SSL loss [95 % CI]"] + [
-        f"defended {splits[nm].label} % [95 % CI]" for nm in names
+        f"defended {labels[nm]} % [95 % CI]" for nm in names
     ]
     settings = {
-        "n": len(splits["clean"]),
+        "n": info["n"],
         "head_batches": batches,
         "budget": args.budget,
         "loss": args.loss,
@@ -213,7 +257,10 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         "steps": args.steps,
         "views": args.views,
         "batch_size": args.batch_size,
-        "classifier_sha256": base.classifier_info["sha256"],
-        "quick": ctx.quick,
+        "classifier_sha256": info["classifier_sha256"],
+        "quick": info["quick"],
     }
-    return out.finish(TITLE, settings, caption, markdown_table(header, table), findings, ctx.docs)
+    return out.finish(
+        TITLE, settings, caption, markdown_table(header, table), findings, ctx.docs,
+        state.get("timing"),
+    )  # fmt: skip

@@ -34,7 +34,6 @@ from revlit.studies.common import (
     markdown_table,
     mean_std,
     seed_runs,
-    sha12,
     ssl_scores,
 )
 from revlit.studies.context import Context
@@ -91,6 +90,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> dict:
     if ctx.quick:
         apply_quick(args, QUICK, add_args)
+    out = StudyOutput(ctx.out, NAME)
+    if args.rerender:
+        return report(out.load_state(), out, ctx)
+    state = measure(args, ctx, out)
+    out.save_state(state)
+    return report(state, out, ctx)
+
+
+def measure(args: argparse.Namespace, ctx: Context, out: StudyOutput) -> dict:
+    """Train (or reuse) one head per loss; SSL losses, defended runs and the noise baseline."""
     n = args.n or 200
     seeds = [int(s) for s in _list(args.seeds)]
     losses = _list(args.losses)
@@ -100,7 +109,6 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         if head_loss not in losses:
             losses.append(head_loss)
         pairs.append((head_loss, purify_loss))
-    out = StudyOutput(ctx.out, NAME)
     base = ctx.parts()
     names = ["clean", "l_inf"]
     splits = ctx.splits(names, n)
@@ -130,39 +138,80 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     noise = {}
     for name in names:
         ctx.log(f"{NAME}: noise baseline on {name}")
-        noise[name] = seed_runs(base, splits[name], DefenseConfig(method="noise"), seeds)
-    rows, table, findings = [], [], []
+        noise_cfg = DefenseConfig(method="noise", n_views=args.views, batch_size=args.batch_size)
+        noise[name] = seed_runs(base, splits[name], noise_cfg, seeds)
+    measured = []
     for head_loss, purify_loss in pairs:
         head, info = heads[head_loss]
         parts = base.with_head(head, info)
         label = head_loss if head_loss == purify_loss else f"{head_loss} head, {purify_loss} purify"
-        ssl = {}
+        ssl, runs = {}, {}
         for name in names:
             ctx.log(f"{NAME}: {label}: SSL loss on {name}")
             ssl[name] = ssl_scores(
-                parts,
-                splits[name],
-                "batch",
-                args.views,
-                args.draws,
-                args.batch_size,
-                0,
+                parts, splits[name], "batch", args.views, args.draws, args.batch_size, 0,
                 purify_loss,
-            )
+            )  # fmt: skip
+        for name in names:
+            ctx.log(f"{NAME}: {label}: defense on {name}, seeds {seeds}")
+            pcfg = DefenseConfig(**{**cfg.as_dict(), "loss": purify_loss})
+            runs[name] = seed_runs(parts, splits[name], pcfg, seeds)
+        measured.append(
+            {
+                "head_loss": head_loss,
+                "purify_loss": purify_loss,
+                "label": label,
+                "head_sha256": info["sha256"],
+                "head_meta": info["meta"],
+                "ssl": ssl,
+                "runs": runs,
+            }
+        )
+    keep = ("budget", "head_batch", "train_views", "lr", "head_seed", "hidden", "out_dim",
+            "steps", "views", "batch_size", "draws", "n_boot")  # fmt: skip
+    return {
+        "args": {k: getattr(args, k) for k in keep},
+        "losses": losses,
+        "pairs": pairs,
+        "same_as": same_as,
+        "seeds": seeds,
+        "noise": noise,
+        "measured": measured,
+        "info": {
+            "n": len(splits["clean"]),
+            "labels": {nm: splits[nm].label for nm in names},
+            "sets": describe_sets(splits),
+            "classifier_sha256": base.classifier_info["sha256"],
+            "quick": ctx.quick,
+        },
+        "timing": out.timing(),
+    }
+
+
+def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
+    """Table, figure and findings from a measured state."""
+    args = argparse.Namespace(**state["args"])
+    seeds, info, noise, same_as = state["seeds"], state["info"], state["noise"], state["same_as"]
+    losses, pairs = state["losses"], state["pairs"]
+    names = ["clean", "l_inf"]
+    labels = info["labels"]
+    rows, table, findings = [], [], []
+    for m in state["measured"]:
+        head_loss, purify_loss, label, ssl = m["head_loss"], m["purify_loss"], m["label"], m["ssl"]
         d_ssl = bootstrap_ci(ssl["l_inf"] - ssl["clean"], args.n_boot)
         row = {
             "head_loss": head_loss,
             "purify_loss": purify_loss,
             "label": label,
-            "head_sha256": info["sha256"],
-            "head_train_loss_last": info["meta"].get("train_loss_last"),
-            "head_seconds": info["meta"].get("seconds"),
+            "head_sha256": m["head_sha256"],
+            "head_train_loss_last": m["head_meta"].get("train_loss_last"),
+            "head_seconds": m["head_meta"].get("seconds"),
             "ssl_clean": float(ssl["clean"].mean()),
             "ssl_attacked": float(ssl["l_inf"].mean()),
             "ssl_attacked_minus_clean": d_ssl[0],
             "ssl_attacked_minus_clean_ci": [d_ssl[1], d_ssl[2]],
             "seeds": seeds,
-            "n": len(splits["clean"]),
+            "n": info["n"],
         }
         cells = [
             label,
@@ -171,10 +220,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             f"{d_ssl[0]:+.3f} [{d_ssl[1]:+.3f}, {d_ssl[2]:+.3f}]",
         ]
         for name in names:
-            ctx.log(f"{NAME}: {label}: defense on {name}, seeds {seeds}")
-            runs = seed_runs(
-                parts, splits[name], DefenseConfig(**{**cfg.as_dict(), "loss": purify_loss}), seeds
-            )
+            runs = m["runs"][name]
             g_mean, g_std = mean_std(runs.gains())
             ci = runs.gain_ci(args.n_boot)
             row[f"{name}_undefended"] = float(runs.correct.double().mean())
@@ -192,7 +238,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             lo, hi = row[f"{name}_gain_ci"]
             v = "within noise of 0" if lo <= 0 <= hi else ("a gain" if lo > 0 else "a loss")
             verdicts.append(
-                f"{splits[name].label} {100 * row[f'{name}_gain_mean']:+.1f} pp "
+                f"{labels[name]} {100 * row[f'{name}_gain_mean']:+.1f} pp "
                 f"(95 % CI [{100 * lo:+.1f}, {100 * hi:+.1f}]: {v})"
             )
         ssl_v = (
@@ -225,7 +271,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     findings.append(
         "Noise baseline (uniform in the 16/255 ball): "
         + "; ".join(
-            f"{splits[nm].label} {fmt_ci(noise_row[f'{nm}_gain_mean'], *noise_row[f'{nm}_gain_ci'])} pp"
+            f"{labels[nm]} {fmt_ci(noise_row[f'{nm}_gain_mean'], *noise_row[f'{nm}_gain_ci'])} pp"
             for nm in names
         )
         + "."
@@ -245,14 +291,14 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             capsize=3,
             color=colour,
             alpha=0.8,
-            label=f"{splits[name].label}",
+            label=f"{labels[name]}",
         )
         ax.axhline(
             100 * noise_row[f"{name}_gain_mean"],
             color=colour,
             ls="--",
             lw=1,
-            label=f"noise baseline, {splits[name].label}",
+            label=f"noise baseline, {labels[name]}",
         )
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(xs)
@@ -277,14 +323,14 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     ax2.set_title("SSL loss of the unpurified input", fontsize=10)
     ax2.legend(fontsize=7)
     caption = (
-        f"n = {len(splits['clean'])} test images (clean, and the stored transfer set "
-        f"{describe_sets(splits)}). Heads: {args.hidden}→{args.out_dim}, trained on the frozen "
+        f"n = {info['n']} test images (clean, and the stored transfer set "
+        f"{info['sets']}). Heads: {args.hidden}→{args.out_dim}, trained on the frozen "
         f"classifier with the same budget ({args.budget} images = batch {args.head_batch} x "
         f"{max(1, args.budget // args.head_batch)} steps), Adam lr {args.lr:g}, {args.train_views} "
         f"views, seed "
         f"{args.head_seed}. Purifier K={args.steps}, V={args.views}, ε_r=16/255, step 2/255, batch "
         f"{args.batch_size}, seeds {seeds}. SSL losses: mean of {args.draws} view draws, batch "
-        f"{args.batch_size}. Classifier {sha12(base.classifier_info)}."
+        f"{args.batch_size}. Classifier {info['classifier_sha256'][:12]}."
     )
     out.save_figure(fig, caption)
     header = [
@@ -292,9 +338,9 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         "SSL loss clean",
         "SSL loss Linf",
         "Linf − clean [95 % CI]",
-    ] + [f"gain {splits[nm].label} pp (mean ± std [95 % CI])" for nm in names]
+    ] + [f"gain {labels[nm]} pp (mean ± std [95 % CI])" for nm in names]
     settings = {
-        "n": len(splits["clean"]),
+        "n": info["n"],
         "losses": losses,
         "pairs": pairs,
         "budget": args.budget,
@@ -307,7 +353,10 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         "views": args.views,
         "batch_size": args.batch_size,
         "draws": args.draws,
-        "classifier_sha256": base.classifier_info["sha256"],
-        "quick": ctx.quick,
+        "classifier_sha256": info["classifier_sha256"],
+        "quick": info["quick"],
     }
-    return out.finish(TITLE, settings, caption, markdown_table(header, table), findings, ctx.docs)
+    return out.finish(
+        TITLE, settings, caption, markdown_table(header, table), findings, ctx.docs,
+        state.get("timing"),
+    )  # fmt: skip

@@ -60,6 +60,16 @@ def test_cost_frontier_quick(out_dir):
         )
         assert all(r["passes"] == r["steps"] * r["views"] for r in rows)
         assert all(r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] for r in rows)
+    # --rerender rebuilds the outputs from state.pt without measuring, keeping the timing
+    png = out_dir / "cost_frontier" / "cost_frontier.png"
+    png.unlink()
+    rc = main(["cost_frontier", "--quick", "--quiet", "--out", str(out_dir), "--rerender"])
+    assert rc == 0 and png.exists()
+    again = json.loads((out_dir / "cost_frontier" / "cost_frontier.json").read_text())
+    assert (
+        again["wall_seconds"] == summary["wall_seconds"]
+        and again["findings"] == summary["findings"]
+    )
 
 
 def test_batch_size_quick(out_dir):
