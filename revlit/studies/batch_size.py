@@ -31,7 +31,6 @@ from revlit.studies.common import (
     figure,
     fmt_ci,
     markdown_table,
-    sha12,
 )
 from revlit.studies.context import Context
 
@@ -70,35 +69,79 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> dict:
     if ctx.quick:
         apply_quick(args, QUICK, add_args)
+    out = StudyOutput(ctx.out, NAME)
+    if args.rerender:
+        return report(out.load_state(), out, ctx)
+    state = measure(args, ctx, out)
+    out.save_state(state)
+    return report(state, out, ctx)
+
+
+def measure(args: argparse.Namespace, ctx: Context, out: StudyOutput) -> dict:
+    """Defended predictions for every (negatives, B) on clean and Linf; per-image tensors."""
     n = args.n or 512
     bs = sorted(set(_ints(args.batches)))
     bank_bs = sorted(set(_ints(args.bank_batches))) if args.bank_batches else bs
-    out = StudyOutput(ctx.out, NAME)
     parts = ctx.parts()
     names = ["clean", "l_inf"]
     splits = ctx.splits(names, n)
-    n_eff = len(splits["clean"])
     curves = [("batch", b) for b in bs if b >= 2]
     if parts.bank is not None:
         curves += [("bank", b) for b in bank_bs]
     else:
         ctx.log(f"{NAME}: no bank for this head (python -m revlit.defenses.bank): one curve only")
     correct: dict[tuple[str, int, str], torch.Tensor] = {}
+    seconds: dict[tuple[str, int, str], float] = {}
     undefended: dict[str, torch.Tensor] = {}
-    rows = []
-    v = args.views
     for neg, b in curves:
         for name in names:
             cfg = DefenseConfig(
-                steps=args.steps, n_views=v, batch_size=b, seed=args.seed, negatives=neg
+                steps=args.steps, n_views=args.views, batch_size=b, seed=args.seed, negatives=neg
             )
             ctx.log(f"{NAME}: {neg} B={b} on {name} (n={len(splits[name])})")
             res = defend(parts, splits[name], cfg)
             undefended[name] = res.correct
-            c = res.correct_def[args.steps]
-            correct[neg, b, name] = c
+            correct[neg, b, name] = res.correct_def[args.steps]
+            seconds[neg, b, name] = res.seconds / len(res.correct)
+    return {
+        "args": {k: getattr(args, k) for k in ("steps", "views", "seed", "n_boot", "ref_batch")},
+        "batches": bs,
+        "bank_batches": bank_bs if parts.bank is not None else [],
+        "curves": curves,
+        "correct": correct,
+        "seconds": seconds,
+        "undefended": undefended,
+        "info": {
+            "n": len(splits["clean"]),
+            "labels": {nm: splits[nm].label for nm in names},
+            "sets": describe_sets(splits),
+            "loss": parts.loss,
+            "temperature": parts.temperature,
+            "view_mode": parts.view_mode,
+            "bank_m": None if parts.bank is None else int(parts.bank.shape[0]),
+            "classifier_sha256": parts.classifier_info["sha256"],
+            "head_sha256": parts.head_info["sha256"],
+            "bank_sha256": (parts.bank_info or {}).get("sha256"),
+            "quick": ctx.quick,
+        },
+        "timing": out.timing(),
+    }
+
+
+def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
+    """Table, figure and findings from a measured state."""
+    args = argparse.Namespace(**state["args"])
+    bs, curves, info = state["batches"], state["curves"], state["info"]
+    correct, undefended, seconds = state["correct"], state["undefended"], state["seconds"]
+    names = ["clean", "l_inf"]
+    labels = info["labels"]
+    n_eff, v, m = info["n"], args.views, info["bank_m"]
+    rows = []
+    for neg, b in curves:
+        for name in names:
+            c = correct[neg, b, name]
             acc = bootstrap_ci(c.double(), args.n_boot, args.seed)
-            m = parts.bank.shape[0] if neg == "bank" else None
+            gain = bootstrap_ci(c.double() - undefended[name].double(), args.n_boot, args.seed)
             rows.append(
                 out.add(
                     split=name,
@@ -110,8 +153,10 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
                     n=len(c),
                     accuracy=acc[0],
                     accuracy_ci=[acc[1], acc[2]],
-                    undefended_accuracy=float(res.correct.double().mean()),
-                    seconds_per_image=res.seconds / len(c),
+                    gain_vs_undefended=gain[0],
+                    gain_ci=[gain[1], gain[2]],
+                    undefended_accuracy=float(undefended[name].double().mean()),
+                    seconds_per_image=seconds[neg, b, name],
                     steps=args.steps,
                     views=v,
                     seed=args.seed,
@@ -120,7 +165,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     # ---- comparisons
     findings = []
     und_txt = ", ".join(
-        f"{splits[nm].label} {100 * float(undefended[nm].double().mean()):.1f} %" for nm in names
+        f"{labels[nm]} {100 * float(undefended[nm].double().mean()):.1f} %" for nm in names
     )
     findings.append(f"Undefended accuracy: {und_txt}.")
     if any(b > n_eff for b in bs):
@@ -145,7 +190,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             )
             verdict = "within noise" if d[1] <= 0 <= d[2] else "a real difference"
             findings.append(
-                f"{splits[name].label}, authors' loss: accuracy ranges {100 * lo_a:.1f} % (B={lo_b}) "
+                f"{labels[name]}, authors' loss: accuracy ranges {100 * lo_a:.1f} % (B={lo_b}) "
                 f"to {100 * hi_a:.1f} % (B={hi_b}); B={large} minus B={small}: "
                 f"{fmt_ci(*d)} pp (paired 95 % CI) — {verdict}."
             )
@@ -154,10 +199,22 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             base = correct["bank", bank_b[0], name]
             flips = max(int((correct["bank", b, name] != base).sum()) for b in bank_b[1:])
             findings.append(
-                f"{splits[name].label}, bank: predictions differ between B ∈ {bank_b} for "
+                f"{labels[name]}, bank: predictions differ between B ∈ {bank_b} for "
                 f"{flips} of {len(base)} images (batch-independent by construction)."
             )
         ref = args.ref_batch
+        gains = [
+            f"{'authors' + chr(39) + ' loss' if r['negatives'] == 'batch' else 'bank'} "
+            f"{fmt_ci(r['gain_vs_undefended'], *r['gain_ci'])} pp"
+            for r in rows
+            if r["split"] == name and r["batch_size"] == ref
+        ]
+        if gains:
+            findings.append(
+                f"{labels[name]} at B={ref}, defended minus undefended (paired 95 % CI): "
+                + "; ".join(gains)
+                + "."
+            )
         if ("bank", ref, name) in correct and ("batch", ref, name) in correct:
             d = bootstrap_ci(
                 correct["bank", ref, name].double() - correct["batch", ref, name].double(),
@@ -166,7 +223,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             )
             verdict = "within noise" if d[1] <= 0 <= d[2] else "a real difference"
             findings.append(
-                f"{splits[name].label}: bank minus authors' loss at B={ref}: {fmt_ci(*d)} pp "
+                f"{labels[name]}: bank minus authors' loss at B={ref}: {fmt_ci(*d)} pp "
                 f"(paired 95 % CI) — {verdict}."
             )
     # ---- figure
@@ -177,8 +234,7 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
             (
                 "bank",
                 "tab:red",
-                f"bank of {parts.bank.shape[0] if parts.bank is not None else 0} "
-                "clean negatives (batch-independent)",
+                f"bank of {m or 0} clean negatives (batch-independent)",
             ),
         ):
             rs = [r for r in rows if r["split"] == name and r["negatives"] == neg]
@@ -217,17 +273,17 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
         ax.set_xticks(bs)
         ax.set_xticklabels([str(b) for b in bs])
         ax.set_xlabel("purification batch B")
-        ax.set_ylabel(f"defended {splits[name].label} accuracy (%)")
-        ax.set_title(f"{splits[name].label} (n = {len(splits[name])})", fontsize=10)
+        ax.set_ylabel(f"defended {labels[name]} accuracy (%)")
+        ax.set_title(f"{labels[name]} (n = {n_eff})", fontsize=10)
         ax.legend(fontsize=7)
     caption = (
-        f"n = {n_eff} test images (clean, and the stored transfer set {describe_sets(splits)}); "
-        f"default head ({parts.loss}, T={parts.temperature}, views {parts.view_mode}); purifier "
+        f"n = {n_eff} test images (clean, and the stored transfer set {info['sets']}); "
+        f"default head ({info['loss']}, T={info['temperature']}, views {info['view_mode']}); purifier "
         f"K={args.steps} steps, V={v} views, ε_r=16/255, step 2/255, seed {args.seed} (per batch for "
         f"the authors' loss, per image for the bank). An anchor sees V−1 positives and (B−1)·V "
         f"negatives with the authors' loss, M bank negatives with the bank. Error bars: 95 % bootstrap CI over images. "
-        f"Classifier {sha12(parts.classifier_info)}, head {sha12(parts.head_info)}"
-        + (f", bank {sha12(parts.bank_info)}." if parts.bank is not None else ".")
+        f"Classifier {info['classifier_sha256'][:12]}, head {info['head_sha256'][:12]}"
+        + (f", bank {info['bank_sha256'][:12]}." if info["bank_sha256"] else ".")
     )
     out.save_figure(fig, caption)
     table = []
@@ -242,19 +298,22 @@ def run(args: argparse.Namespace, ctx: Context) -> dict:
     if 1 in bs:
         table.insert(0, ["batch", "1", "0", "n/a (no negatives)", "n/a (no negatives)", "—"])
     header = ["negatives", "B", "negatives per anchor"]
-    header += [f"{splits[nm].label} acc % [95 % CI]" for nm in names] + ["s / image"]
+    header += [f"{labels[nm]} acc % [95 % CI]" for nm in names] + ["s / image"]
     settings = {
         "n": n_eff,
         "batches": bs,
-        "bank_batches": bank_bs if parts.bank is not None else [],
+        "bank_batches": state["bank_batches"],
         "steps": args.steps,
         "views": v,
         "seed": args.seed,
         "n_boot": args.n_boot,
-        "bank_m": None if parts.bank is None else int(parts.bank.shape[0]),
-        "classifier_sha256": parts.classifier_info["sha256"],
-        "head_sha256": parts.head_info["sha256"],
-        "bank_sha256": (parts.bank_info or {}).get("sha256"),
-        "quick": ctx.quick,
+        "bank_m": m,
+        "classifier_sha256": info["classifier_sha256"],
+        "head_sha256": info["head_sha256"],
+        "bank_sha256": info["bank_sha256"],
+        "quick": info["quick"],
     }
-    return out.finish(TITLE, settings, caption, markdown_table(header, table), findings, ctx.docs)
+    return out.finish(
+        TITLE, settings, caption, markdown_table(header, table), findings, ctx.docs,
+        state.get("timing"),
+    )  # fmt: skip
