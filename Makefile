@@ -44,7 +44,7 @@ evaluate: install
 
 ## make bench: purifier and PGD throughput against the hardware bound.
 bench: install
-	$(PY) -m revlit.bench --out results/bench/bench.json
+	$(PY) -m revlit.bench --ddp --out results/bench/bench.json
 
 ## make ssl: train the SSL heads on the shipped ResNet-20 classifiers (~9 min each here).
 ssl: install

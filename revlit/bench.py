@@ -4,12 +4,15 @@ The unit of work of the reverse attack (Mao et al., ICCV 2021) is one backbone f
 backward-to-input pass per view: K steps × V views per image (160 at the authors' 40 × 4). So the
 purifier can never beat ``bound / (K·V)`` images/s, where ``bound`` is the backbone's own
 forward + backward-to-input throughput at its best batch size (parameters frozen, channels_last).
-This module measures that bound, the purifier at two settings, PGD-10 generation, the peak
-resident memory of each, and (optionally) ``cli.py predict`` with 1 process vs 2 DDP processes.
+This module measures that bound, the purifier at two settings, the plain reference loop of
+:mod:`revlit.defenses.reference` at the same settings (the "before" rows), PGD-10 generation, the
+peak resident memory of each (every variant once more in a fresh child process, ``ru_maxrss``), and
+(``--ddp``) the defended ``predict`` with 1 process vs 2 DDP processes.
 
 Usage::
 
-    python -m revlit.bench [--model resnet20] [--reps 3] [--out results/bench/bench.json] [--ddp]
+    python -m revlit.bench [--model resnet20] [--reps 3] [--out results/bench/bench.json]
+                           [--no-reference] [--no-memory] [--ddp]
 
 Variants are interleaved across repetitions (timings on a shared machine drift between minutes);
 min and median over repetitions are reported.
@@ -18,11 +21,16 @@ min and median over repetitions are reported.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +42,7 @@ from torch import nn
 from revlit.attacks.norms import Norm
 from revlit.attacks.pgd import pgd
 from revlit.callbacks.export import git_commit
+from revlit.defenses.reference import reference_purify
 from revlit.defenses.reverse import ReversePurifier
 from revlit.losses import ContrastiveLoss
 from revlit.models.registry import build
@@ -124,14 +133,24 @@ def build_variants(
     batches: list[int],
     purifier_settings: list[tuple[int, int, int]],
     pgd_batch: int,
+    reference: bool = True,
 ) -> tuple[list[Variant], list[Variant], list[Variant]]:
-    """The bound variants (one per batch size), the purifier variants and the PGD variant."""
+    """The bound variants (one per batch size), the purifier variants and the PGD variant.
+
+    With ``reference``, each purifier setting also gets a "reference" variant: the plain loop of
+    :func:`revlit.defenses.reference.reference_purify` on an unfrozen, contiguous (NCHW) copy of
+    the model and head, i.e. the purifier before the speed work, on the same images and seed.
+    """
     bound = []
     for b in batches:
         x = _images(b)
         bound.append(Variant(f"bound@{b}", lambda x=x: input_grad_pass(model, x), b, 1))
     head = SSLHead(model.feature_dim).eval()
     loss = ContrastiveLoss("nt_xent", 0.2)
+    plain_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    plain_head = copy.deepcopy(head).eval()
+    for p in list(plain_model.parameters()) + list(plain_head.parameters()):
+        p.requires_grad_(True)
     purifiers = []
     for k, v, b in purifier_settings:
         pur = ReversePurifier(model, head, loss, SimCLRViews(), steps=k, n_views=v)
@@ -140,6 +159,16 @@ def build_variants(
         def run(pur=pur, x=x):
             return pur.purify(x, torch.Generator().manual_seed(0))
 
+        if reference:
+            xc = x.contiguous()
+
+            def run_ref(k=k, v=v, xc=xc):
+                return reference_purify(
+                    plain_model, plain_head, loss, SimCLRViews(), xc, steps=k, n_views=v,
+                    generator=torch.Generator().manual_seed(0),
+                )  # fmt: skip
+
+            purifiers.append(Variant(f"reference K={k} V={v} B={b}", run_ref, b, k * v))
         purifiers.append(Variant(f"purifier K={k} V={v} B={b}", run, b, k * v))
     x = _images(pgd_batch, 2)
     y = torch.randint(0, 10, (pgd_batch,), generator=torch.Generator().manual_seed(0))
@@ -158,20 +187,40 @@ def run_bench(
     batches: tuple[int, ...] = (128, 256, 512, 1024, 2048),
     purifier_settings: tuple[tuple[int, int, int], ...] = ((40, 4, 512), (10, 2, 256)),
     pgd_batch: int = 512,
+    reference: bool = True,
+    memory: bool = True,
+    ddp: bool = False,
+    ddp_n: int = 128,
 ) -> dict:
-    """Measure everything in one process, variants interleaved; return the JSON record."""
+    """Measure everything in one process, variants interleaved; return the JSON record.
+
+    The reference (plain-loop) variants run in the first repetition only (they are slow).
+    ``memory``: afterwards, run every non-reference variant once more alone in a fresh child process and record
+    its peak resident memory (``ru_maxrss``: the whole process, Python and torch included) as
+    ``peak_rss_mb``; the in-process sampler's figure (which only grows, since the allocator keeps
+    what earlier variants used) is kept as ``peak_rss_mb_in_process``.
+    ``ddp``: also time the defended ``predict`` (shipped classifier and head, CIFAR-10 test images,
+    the authors' 40 × 4) with 1 process and with 2 DDP processes.
+    """
     torch.manual_seed(0)
     model = _frozen(build(model_name))
     bound, purifiers, attacks = build_variants(
-        model, list(batches), list(purifier_settings), pgd_batch
+        model, list(batches), list(purifier_settings), pgd_batch, reference
     )
     variants = bound + purifiers + attacks
     for v in variants:  # warm-up: allocator, kernels
         v.fn() if v.passes == 1 else None
-    for _ in range(reps):
+    for rep in range(reps):
         for v in variants:
-            v.run_once()
+            if rep == 0 or not v.name.startswith("reference"):
+                v.run_once()  # the slow reference loop runs once (its "before" figure)
     rows = [v.summary() for v in variants]
+    for r in rows:
+        r["peak_rss_mb_in_process"] = r.pop("peak_rss_mb")
+        if memory and not r["name"].startswith("reference"):
+            r["peak_rss_mb"] = child_peak_rss_mb(
+                model_name, r["name"], list(batches), list(purifier_settings), pgd_batch
+            )
     best_bound = max(
         (r for r in rows if r["name"].startswith("bound")), key=lambda r: r["images_per_s_max"]
     )
@@ -198,7 +247,77 @@ def run_bench(
         "bound_images_per_s": best_bound["images_per_s_max"],
         "bound_batch": best_bound["images"],
         "rows": rows,
+        "ddp": ddp_predict(ddp_n) if ddp else None,
     }
+
+
+def child_peak_rss_mb(
+    model_name: str,
+    name: str,
+    batches: list[int],
+    purifier_settings: list[tuple[int, int, int]],
+    pgd_batch: int,
+) -> float:
+    """Peak RSS (MB) of a fresh process that builds the bench and runs only variant ``name`` once."""
+    spec = json.dumps(
+        {"model": model_name, "name": name, "batches": batches,
+         "purifier_settings": purifier_settings, "pgd_batch": pgd_batch}
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "revlit.bench", "--_child", spec],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return round(float(out.stdout.strip().splitlines()[-1]), 1)
+
+
+def _child(spec: str) -> None:
+    """Child of :func:`child_peak_rss_mb`: run one variant once, print ``ru_maxrss`` in MB."""
+    s = json.loads(spec)
+    torch.manual_seed(0)
+    model = _frozen(build(s["model"]))
+    settings = [tuple(p) for p in s["purifier_settings"]]
+    bound, purifiers, attacks = build_variants(
+        model, s["batches"], settings, s["pgd_batch"], reference=s["name"].startswith("reference")
+    )
+    (v,) = [v for v in bound + purifiers + attacks if v.name == s["name"]]
+    v.fn()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KB
+
+
+def ddp_predict(n: int = 128, batch: int = 64) -> dict:
+    """Defended predict (``python -m revlit.evaluate``, shipped models) with 1 vs 2 DDP processes.
+
+    Each run purifies the first ``n`` clean test images at the authors' setting (40 steps × 4
+    views) with per-process batches of ``batch``; images/s come from the run's own record (images
+    over the predict loop's wall time) and the process wall time (start-up and spawn included).
+    """
+    out: dict = {"n": n, "batch_per_process": batch, "steps": 40, "views": 4}
+    for devices, strategy in ((1, "auto"), (2, "ddp")):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [
+                sys.executable, "-m", "revlit.evaluate", "--n", str(n), "--batch-size", str(batch),
+                "--sets", "clean", "--defenses", "reverse", "--out", tmp, "--log-dir", tmp,
+                "--devices", str(devices), "--strategy", strategy,
+            ]  # fmt: skip
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            recs = [json.loads(line) for line in open(Path(tmp) / "records.jsonl")]
+            rec = next(r for r in recs if r["defense"]["method"] == "reverse")
+            out[f"processes_{devices}"] = {
+                "strategy": strategy,
+                "images_per_s": round(1 / rec["wall_seconds_per_image"], 2),
+                "process_wall_s": round(wall, 1),
+                "accuracy": rec["accuracy"],
+            }
+    out["speedup"] = round(
+        out["processes_2"]["images_per_s"] / out["processes_1"]["images_per_s"], 2
+    )
+    out["note"] = (
+        "both processes share the same CPU cores here: DDP exercises the multi-rank path, "
+        "it is not expected to speed anything up on this machine"
+    )
+    return out
 
 
 def _cpu_name() -> str:
@@ -217,15 +336,44 @@ def format_table(rec: dict) -> str:
         f"bench: {rec['model']} · {rec['processor']} · torch {rec['torch']} · {rec['threads']} threads · "
         f"{rec['date']} · commit {rec['commit']}",
         "",
-        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound | peak RSS (MB) |",
+        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median) | peak RSS (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rec["rows"]:
+        frac = (
+            f"{r['fraction_of_bound']:.3f} / {r['fraction_of_bound_median']:.3f}"
+            if "fraction_of_bound" in r
+            else ""
+        )
+        mem = r.get("peak_rss_mb", r.get("peak_rss_mb_in_process"))
         lines.append(
             f"| {r['name']} | {r['passes_per_image']} | {r['images_per_s_max']:.1f} | "
             f"{r['images_per_s_median']:.1f} | {r.get('bound_images_per_s', '')} | "
-            f"{r.get('fraction_of_bound', '')} | {r['peak_rss_mb']:.0f} |"
+            f"{frac} | {mem:.0f} |"
         )
+    lines.append("")
+    lines.append(
+        "bound = the best bound@B (forward + backward to the input, frozen parameters, "
+        "channels_last); 'reference' rows are the plain loop (revlit.defenses.reference) before "
+        "the speed work; peak RSS = the whole process, each variant alone in a fresh child."
+    )
+    env = rec.get("malloc_env") or {}
+    lines.append(f"allocator environment: {env}")
+    ddp = rec.get("ddp")
+    if ddp:
+        p1, p2 = ddp["processes_1"], ddp["processes_2"]
+        lines += [
+            "",
+            f"defended predict, {ddp['n']} clean test images, {ddp['steps']} steps x "
+            f"{ddp['views']} views, batch {ddp['batch_per_process']} per process:",
+            "",
+            "| processes | strategy | img/s | process wall (s) | accuracy |",
+            "|---:|---|---:|---:|---:|",
+            f"| 1 | {p1['strategy']} | {p1['images_per_s']} | {p1['process_wall_s']} | {p1['accuracy']:.3f} |",
+            f"| 2 | {p2['strategy']} | {p2['images_per_s']} | {p2['process_wall_s']} | {p2['accuracy']:.3f} |",
+            "",
+            f"speed-up {ddp['speedup']}x; {ddp['note']}.",
+        ]
     return "\n".join(lines)
 
 
@@ -236,13 +384,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--out", default="results/bench/bench.json")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain-loop rows")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant child RSS runs")
+    p.add_argument(
+        "--ddp", action="store_true", help="also time defended predict, 1 vs 2 DDP processes"
+    )
+    p.add_argument("--ddp-n", type=int, default=128, help="images of the DDP comparison")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args._child:
+        return _child(args._child)
     if args.reps < 1:
         p.error("--reps must be >= 1")
+    common = dict(
+        reference=not args.no_reference, memory=not args.no_memory, ddp=args.ddp, ddp_n=args.ddp_n
+    )
     if args.quick:
-        rec = run_bench(args.model, 1, (8, 16), ((2, 2, 8),), 8)
+        rec = run_bench(args.model, 1, (8, 16), ((2, 2, 8),), 8, **common)
     else:
-        rec = run_bench(args.model, args.reps, tuple(args.batches))
+        rec = run_bench(args.model, args.reps, tuple(args.batches), **common)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2))

@@ -1,0 +1,56 @@
+"""``make bench`` (issue 8): the record's fields, the fraction-of-bound arithmetic, the child RSS."""
+
+import json
+
+import pytest
+
+from revlit import bench
+
+
+def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--no-memory", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    names = [r["name"] for r in rec["rows"]]
+    assert names == [
+        "bound@8", "bound@16", "reference K=2 V=2 B=8", "purifier K=2 V=2 B=8", "PGD-10 Linf B=8"
+    ]  # fmt: skip
+    bound = rec["bound_images_per_s"]
+    assert bound == max(r["images_per_s_max"] for r in rec["rows"] if r["name"].startswith("bound"))
+    for r in rec["rows"]:
+        if r["name"].startswith("bound"):
+            assert "fraction_of_bound" not in r
+            continue
+        ceiling = bound / r["passes_per_image"]
+        assert r["fraction_of_bound"] == pytest.approx(r["images_per_s_max"] / ceiling, abs=2e-3)
+    for key in ("date", "commit", "torch", "threads", "processor", "malloc_env"):
+        assert key in rec
+    assert "fraction of bound" in (tmp_path / "bench.md").read_text()
+    assert "purifier K=2" in capsys.readouterr().out
+
+
+def test_child_peak_rss_is_a_plausible_process_size():
+    mb = bench.child_peak_rss_mb("resnet20", "purifier K=2 V=2 B=8", [8], [(2, 2, 8)], 8)
+    assert 50 < mb < 4000  # a Python process with torch imported, tiny batch
+
+
+def test_table_shows_the_ddp_comparison():
+    rec = {
+        "model": "resnet20", "processor": "cpu", "torch": "2", "threads": 2, "date": "d",
+        "commit": "c", "malloc_env": {}, "rows": [],
+        "ddp": {
+            "n": 8, "batch_per_process": 4, "steps": 40, "views": 4, "speedup": 0.9, "note": "n",
+            "processes_1": {"strategy": "auto", "images_per_s": 2.0, "process_wall_s": 9.0,
+                            "accuracy": 0.5},
+            "processes_2": {"strategy": "ddp", "images_per_s": 1.8, "process_wall_s": 12.0,
+                            "accuracy": 0.5},
+        },
+    }  # fmt: skip
+    table = bench.format_table(rec)
+    assert "| 2 | ddp | 1.8 |" in table and "speed-up 0.9x" in table
+
+
+def test_bad_reps_is_refused():
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--reps", "0"])
+    assert e.value.code == 2
