@@ -56,11 +56,15 @@ rst: install
 	$(PY) -m revlit.models.rst $(RST) checkpoints/wrn28_10_rst.pt
 
 ## make adaptive: attack the defended classifier itself (transfer / defense-aware / BPDA+EOT rows, per-example
-## worst case, eps-sweep PNG, convergence check); table + JSON records under results/adaptive_$(ADAPTIVE)/.
-## ADAPTIVE=cheap (2-core CPU preset) or ADAPTIVE=full (GPU preset); ADAPTIVE_N=<n> overrides n.
-ADAPTIVE ?= cheap
+## worst case, eps-sweep PNG, convergence check); table + JSON records under results/adaptive_<preset>/.
+## Default: the README's CPU run, cpu500 (n=500 table, ~45 min here) then cpu_checks (n=100 sweep and
+## convergence, ~15 min). ADAPTIVE=cheap (n=64, all in one) or ADAPTIVE=full (GPU preset); ADAPTIVE_N=<n> overrides n.
+ADAPTIVE ?= cpu500 cpu_checks
 adaptive: install
-	$(PY) cli.py test --config configs/adaptive/$(ADAPTIVE).yaml $(if $(ADAPTIVE_N),--data.init_args.test_subset $(ADAPTIVE_N))
+	@for c in $(ADAPTIVE); do \
+	  echo "== make adaptive: configs/adaptive/$$c.yaml"; \
+	  $(PY) cli.py test --config configs/adaptive/$$c.yaml $(if $(ADAPTIVE_N),--data.init_args.test_subset $(ADAPTIVE_N)) || exit 1; \
+	done
 
 ## make classifiers: retrain the shipped classifiers (~40 + 15 min here).
 classifiers: install

@@ -489,7 +489,10 @@ class AdaptiveModule(pl.LightningModule):
                 merged, "bpda_apgd_ce", {name: v[0] for name, v in CONVERGENCE.items()}
             )
         reaches_zero = report.sweep_reaches_zero(points)
-        verdict = report.verdict(rows, conv["converged"] if conv else None, reaches_zero)
+        paired = report.paired_difference(merged)
+        verdict = report.verdict(
+            rows, conv["converged"] if conv else None, reaches_zero, paired=paired
+        )
         n = int(merged["index"].numel())
         ci, hi = self.classifier_info, self.head_info
         data = {
@@ -572,6 +575,7 @@ class AdaptiveModule(pl.LightningModule):
             "eps_sweep_reaches_zero": reaches_zero,
             "eps_sweep_plot": str(plot) if plot else None,
             "convergence": conv,
+            "paired_difference": paired,
             "verdict": verdict,
             "wall_seconds": wall,
             "settings": {k: v for k, v in dict(self.hparams).items()},

@@ -344,3 +344,28 @@ def test_worst_case_row_takes_each_example_at_its_weakest_and_verdict_uses_it():
     assert rows[WORST].passes_per_image == pytest.approx(20.0)
     text = verdict(list(rows.values()))
     assert "50.0 %" in text and "45.0 %" in text and "count on" in text
+
+
+def test_paired_difference_counts_discordant_images_and_drives_the_verdict():
+    from revlit.adaptive_report import paired_difference, summarize_table, verdict
+
+    n = 400
+    static = torch.zeros(n, dtype=torch.bool)
+    static[:160] = True  # static APGD keeps 40 %
+    same = torch.zeros(n, 2, dtype=torch.bool)
+    same[:160] = True  # defended worst case: exactly the same images
+    m = merged_of(transfer_apgd=fake_row(same, static=static))
+    p = paired_difference(m)
+    assert p["difference"] == 0 and p["only_defended"] == 0 and p["only_static"] == 0
+    assert p["ci"] == [0.0, 0.0]
+    better = same.clone()
+    better[160:200] = True  # 40 more images survive only with the defense: +10 points
+    better[:8] = False  # 8 survive only without it: -2 points
+    m2 = merged_of(transfer_apgd=fake_row(better, static=static))
+    p2 = paired_difference(m2)
+    assert p2["only_defended"] == 40 and p2["only_static"] == 8
+    assert p2["difference"] == pytest.approx(32 / n)
+    assert p2["ci"][0] > 0 and p2["ci"][0] < 32 / n < p2["ci"][1]
+    text = verdict(summarize_table(m2), paired=p2)
+    assert "+8.0 points" in text and "excludes 0" in text
+    assert paired_difference(merged_of(bpda_pgd=fake_row(same))) is None  # no static row
