@@ -13,7 +13,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824
 
-.PHONY: install test demo attacks evaluate bench adaptive classifiers ssl rst lint format clean-venv
+.PHONY: install test demo attacks evaluate bench adaptive studies classifiers ssl rst lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,6 +64,15 @@ adaptive: install
 	@for c in $(ADAPTIVE); do \
 	  echo "== make adaptive: configs/adaptive/$$c.yaml"; \
 	  $(PY) cli.py test --config configs/adaptive/$$c.yaml $(if $(ADAPTIVE_N),--data.init_args.test_subset $(ADAPTIVE_N)) || exit 1; \
+	done
+
+## make studies: the five studies at their configs/studies/ settings, one at a time (results/studies/<study>/,
+## markdown + PNG copied to docs/studies/). About 2 h here in all; STUDIES="batch_size" runs one.
+STUDIES ?= detection cost_frontier batch_size loss_functions head_batch
+studies: install
+	@for s in $(STUDIES); do \
+	  echo "== make studies: $$s"; \
+	  $(PY) -m revlit.studies $$s --config configs/studies/$$s.yaml --out results/studies --docs docs/studies || exit 1; \
 	done
 
 ## make classifiers: retrain the shipped classifiers (~40 + 15 min here).

@@ -45,6 +45,7 @@ from revlit.callbacks.export import git_commit
 from revlit.defenses.reference import reference_purify
 from revlit.defenses.reverse import ReversePurifier
 from revlit.losses import ContrastiveLoss
+from revlit.models.fold import fold_batchnorm
 from revlit.models.registry import build
 from revlit.ssl.head import SSLHead
 from revlit.ssl.views import SimCLRViews
@@ -128,23 +129,56 @@ class Variant:
         }
 
 
+#: the purifier settings of the bench: (K, V, B, options); options is "" (the default path),
+#: "recompute" (memory bounded by the chunk), "fold_bn" (BatchNorm folded), or both joined by "+"
+PURIFIER_SETTINGS = (
+    (40, 4, 512, ""),
+    (40, 4, 512, "recompute"),
+    (40, 4, 512, "fold_bn"),
+    (40, 4, 512, "fold_bn+recompute"),
+    (10, 2, 256, ""),
+    (10, 2, 256, "recompute"),
+)
+
+
+def _setting(p) -> tuple[int, int, int, str]:
+    k, v, b, *rest = p
+    return int(k), int(v), int(b), (rest[0] if rest else "")
+
+
+def purifier_name(k: int, v: int, b: int, opts: str = "") -> str:
+    return f"purifier K={k} V={v} B={b}" + (f" {opts}" if opts else "")
+
+
 def build_variants(
     model: nn.Module,
     batches: list[int],
-    purifier_settings: list[tuple[int, int, int]],
+    purifier_settings: list,
     pgd_batch: int,
     reference: bool = True,
+    steps_cap: int | None = None,
 ) -> tuple[list[Variant], list[Variant], list[Variant]]:
     """The bound variants (one per batch size), the purifier variants and the PGD variant.
 
-    With ``reference``, each purifier setting also gets a "reference" variant: the plain loop of
+    With ``reference``, each (K, V, B) also gets a "reference" variant: the plain loop of
     :func:`revlit.defenses.reference.reference_purify` on an unfrozen, contiguous (NCHW) copy of
     the model and head, i.e. the purifier before the speed work, on the same images and seed.
+    If a setting folds BatchNorm, "bound folded@B" variants measure the folded backbone's own
+    bound. ``steps_cap`` limits K (memory children: a step's memory does not grow with K).
     """
+    settings = [_setting(p) for p in purifier_settings]
     bound = []
     for b in batches:
         x = _images(b)
         bound.append(Variant(f"bound@{b}", lambda x=x: input_grad_pass(model, x), b, 1))
+    if any("fold_bn" in o for *_, o in settings):
+        folded = fold_batchnorm(model)[0].to(memory_format=torch.channels_last)
+        for b in batches:
+            if b <= 1024:
+                x = _images(b)
+                bound.append(
+                    Variant(f"bound folded@{b}", lambda x=x: input_grad_pass(folded, x), b, 1)
+                )
     head = SSLHead(model.feature_dim).eval()
     loss = ContrastiveLoss("nt_xent", 0.2)
     plain_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
@@ -152,24 +186,30 @@ def build_variants(
     for p in list(plain_model.parameters()) + list(plain_head.parameters()):
         p.requires_grad_(True)
     purifiers = []
-    for k, v, b in purifier_settings:
-        pur = ReversePurifier(model, head, loss, SimCLRViews(), steps=k, n_views=v)
+    seen_ref = set()
+    for k, v, b, opts in settings:
+        ks = min(k, steps_cap) if steps_cap else k
+        pur = ReversePurifier(
+            model, head, loss, SimCLRViews(), steps=ks, n_views=v,
+            fold_bn="fold_bn" in opts, recompute="recompute" in opts,
+        )  # fmt: skip
         x = _images(b, 1)
 
         def run(pur=pur, x=x):
             return pur.purify(x, torch.Generator().manual_seed(0))
 
-        if reference:
+        if reference and (k, v, b) not in seen_ref:
+            seen_ref.add((k, v, b))
             xc = x.contiguous()
 
-            def run_ref(k=k, v=v, xc=xc):
+            def run_ref(ks=ks, v=v, xc=xc):
                 return reference_purify(
-                    plain_model, plain_head, loss, SimCLRViews(), xc, steps=k, n_views=v,
+                    plain_model, plain_head, loss, SimCLRViews(), xc, steps=ks, n_views=v,
                     generator=torch.Generator().manual_seed(0),
                 )  # fmt: skip
 
             purifiers.append(Variant(f"reference K={k} V={v} B={b}", run_ref, b, k * v))
-        purifiers.append(Variant(f"purifier K={k} V={v} B={b}", run, b, k * v))
+        purifiers.append(Variant(purifier_name(k, v, b, opts), run, b, k * v))
     x = _images(pgd_batch, 2)
     y = torch.randint(0, 10, (pgd_batch,), generator=torch.Generator().manual_seed(0))
     atk = Variant(
@@ -185,7 +225,7 @@ def run_bench(
     model_name: str = "resnet20",
     reps: int = 3,
     batches: tuple[int, ...] = (128, 256, 512, 1024, 2048),
-    purifier_settings: tuple[tuple[int, int, int], ...] = ((40, 4, 512), (10, 2, 256)),
+    purifier_settings: tuple = PURIFIER_SETTINGS,
     pgd_batch: int = 512,
     reference: bool = True,
     memory: bool = True,
@@ -195,10 +235,11 @@ def run_bench(
     """Measure everything in one process, variants interleaved; return the JSON record.
 
     The reference (plain-loop) variants run in the first repetition only (they are slow).
-    ``memory``: afterwards, run every non-reference variant once more alone in a fresh child process and record
-    its peak resident memory (``ru_maxrss``: the whole process, Python and torch included) as
-    ``peak_rss_mb``; the in-process sampler's figure (which only grows, since the allocator keeps
-    what earlier variants used) is kept as ``peak_rss_mb_in_process``.
+    ``memory``: afterwards, run every non-reference variant once more alone in a fresh child
+    process and record its peak resident memory (``VmHWM``: the whole process, Python and torch
+    included) as ``peak_rss_mb``; purifier children run 2 steps (a step's memory does not grow
+    with K). The in-process sampler's figure (which only grows, since the allocator keeps what
+    earlier variants used) is kept as ``peak_rss_mb_in_process``.
     ``ddp``: also time the defended ``predict`` (shipped classifier and head, CIFAR-10 test images,
     the authors' 40 × 4) with 1 process and with 2 DDP processes.
     """
@@ -222,15 +263,22 @@ def run_bench(
                 model_name, r["name"], list(batches), list(purifier_settings), pgd_batch
             )
     best_bound = max(
-        (r for r in rows if r["name"].startswith("bound")), key=lambda r: r["images_per_s_max"]
+        (r for r in rows if r["name"].startswith("bound@")), key=lambda r: r["images_per_s_max"]
     )
+    folded_bounds = [r for r in rows if r["name"].startswith("bound folded@")]
+    best_folded = max(folded_bounds, key=lambda r: r["images_per_s_max"]) if folded_bounds else None
     for r in rows:
         if r["name"].startswith("bound"):
             continue
-        ceiling = best_bound["images_per_s_max"] / r["passes_per_image"]
+        # a variant is measured against the bound of the backbone it runs (folded or not)
+        ref = best_folded if ("fold_bn" in r["name"] and best_folded) else best_bound
+        ceiling = ref["images_per_s_max"] / r["passes_per_image"]
         r["bound_images_per_s"] = round(ceiling, 2)
+        r["bound_of"] = ref["name"]
         r["fraction_of_bound"] = round(r["images_per_s_max"] / ceiling, 3)
         r["fraction_of_bound_median"] = round(r["images_per_s_median"] / ceiling, 3)
+        plain = best_bound["images_per_s_max"] / r["passes_per_image"]
+        r["fraction_of_plain_bound"] = round(r["images_per_s_max"] / plain, 3)
     return {
         "kind": "revlit-bench/1",
         "model": model_name,
@@ -246,6 +294,7 @@ def run_bench(
         },
         "bound_images_per_s": best_bound["images_per_s_max"],
         "bound_batch": best_bound["images"],
+        "bound_folded_images_per_s": best_folded["images_per_s_max"] if best_folded else None,
         "rows": rows,
         "ddp": ddp_predict(ddp_n) if ddp else None,
     }
@@ -255,7 +304,7 @@ def child_peak_rss_mb(
     model_name: str,
     name: str,
     batches: list[int],
-    purifier_settings: list[tuple[int, int, int]],
+    purifier_settings: list,
     pgd_batch: int,
 ) -> float:
     """Peak RSS (MB) of a fresh process that builds the bench and runs only variant ``name`` once."""
@@ -275,13 +324,26 @@ def _child(spec: str) -> None:
     s = json.loads(spec)
     torch.manual_seed(0)
     model = _frozen(build(s["model"]))
-    settings = [tuple(p) for p in s["purifier_settings"]]
     bound, purifiers, attacks = build_variants(
-        model, s["batches"], settings, s["pgd_batch"], reference=s["name"].startswith("reference")
-    )
+        model, s["batches"], s["purifier_settings"], s["pgd_batch"],
+        reference=s["name"].startswith("reference"), steps_cap=2,
+    )  # fmt: skip
     (v,) = [v for v in bound + purifiers + attacks if v.name == s["name"]]
     v.fn()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KB
+    print(vm_hwm_mb())
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident memory of this process (``VmHWM``, Linux), in MB.
+
+    Unlike ``ru_maxrss``, which a child inherits from the parent it was forked from, the
+    high-water mark belongs to the process's own address space, so it starts afresh at exec.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def ddp_predict(n: int = 128, batch: int = 64) -> dict:
@@ -336,8 +398,8 @@ def format_table(rec: dict) -> str:
         f"bench: {rec['model']} · {rec['processor']} · torch {rec['torch']} · {rec['threads']} threads · "
         f"{rec['date']} · commit {rec['commit']}",
         "",
-        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median) | peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median) | of the plain bound | peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rec["rows"]:
         frac = (
@@ -349,13 +411,15 @@ def format_table(rec: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['passes_per_image']} | {r['images_per_s_max']:.1f} | "
             f"{r['images_per_s_median']:.1f} | {r.get('bound_images_per_s', '')} | "
-            f"{frac} | {mem:.0f} |"
+            f"{frac} | {r.get('fraction_of_plain_bound', '')} | {mem:.0f} |"
         )
     lines.append("")
     lines.append(
         "bound = the best bound@B (forward + backward to the input, frozen parameters, "
-        "channels_last); 'reference' rows are the plain loop (revlit.defenses.reference) before "
-        "the speed work; peak RSS = the whole process, each variant alone in a fresh child."
+        "channels_last); fold_bn rows are measured against the folded backbone's own best bound "
+        "(bound folded@B) and, in the next column, against the plain one; 'reference' rows are "
+        "the plain loop (revlit.defenses.reference) before the speed work; peak RSS = VmHWM of "
+        "the whole process, each variant alone in a fresh child (purifiers: 2 steps)."
     )
     env = rec.get("malloc_env") or {}
     lines.append(f"allocator environment: {env}")
@@ -400,7 +464,9 @@ def main(argv: list[str] | None = None) -> None:
         reference=not args.no_reference, memory=not args.no_memory, ddp=args.ddp, ddp_n=args.ddp_n
     )
     if args.quick:
-        rec = run_bench(args.model, 1, (8, 16), ((2, 2, 8),), 8, **common)
+        rec = run_bench(
+            args.model, 1, (8, 16), ((2, 2, 8, ""), (2, 2, 8, "fold_bn+recompute")), 8, **common
+        )
     else:
         rec = run_bench(args.model, args.reps, tuple(args.batches), **common)
     out = Path(args.out)

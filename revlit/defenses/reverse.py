@@ -29,6 +29,7 @@ from torch import nn
 
 from revlit.attacks.norms import Norm, l2_step, linf_step, project, random_init
 from revlit.defenses.noise import check_images, parse_norm
+from revlit.models.fold import fold_batchnorm
 from revlit.ssl.head import ssl_loss
 from revlit.utils import as_float
 
@@ -81,6 +82,16 @@ class ReversePurifier:
         random_start: start from ``clip(x + u)``, u uniform in the ball (default True).
         chunk_size: the backbone runs over at most this many views at a time; the chunks feed
             one loss and one gradient (keeps allocations small; see DESIGN.md §4).
+        fold_bn: run the loss through a copy of the classifier with eval-mode BatchNorm folded
+            into the convolutions (:func:`revlit.models.fold.fold_batchnorm`): the same function
+            to float rounding, ~1.3x faster input gradients and half the saved activations on
+            ResNet-20. Off by default: signed steps amplify rounding differences (a flip on a
+            ~0 gradient entry moves a pixel by a whole step), so the repaired images are not
+            those of the plain loop pixel for pixel.
+        recompute: bound the memory of a step by the chunk instead of the batch: run the
+            backbone over all views without a graph, take the loss's gradient w.r.t. the
+            features, then re-run each chunk with a graph and back-propagate its part. Costs one
+            extra backbone forward per step; the gradient is the same computation.
 
     ``purify`` computes gradients w.r.t. the input only (``torch.autograd.grad``), with every
     module in eval mode and its parameters frozen for the duration (modes and ``requires_grad``
@@ -102,8 +113,12 @@ class ReversePurifier:
         select: str = "last",
         random_start: bool = True,
         chunk_size: int = 512,
+        fold_bn: bool = False,
+        recompute: bool = False,
     ) -> None:
         self.classifier, self.head, self.loss, self.views = classifier, head, loss, views
+        self.fold_bn, self.recompute = bool(fold_bn), bool(recompute)
+        self._folded: tuple[tuple, nn.Module] | None = None
         self.norm = parse_norm(norm)
         self.eps = as_float(eps, "eps")
         self.step_size = as_float(step_size, "step_size")
@@ -141,6 +156,8 @@ class ReversePurifier:
             "select": self.select,
             "random_start": self.random_start,
             "chunk_size": self.chunk_size,
+            "fold_bn": self.fold_bn,
+            "recompute": self.recompute,
             "view_mode": getattr(self.views, "mode", None),
         }
 
@@ -156,11 +173,39 @@ class ReversePurifier:
         }
 
     # ----------------------------------------------------------------- the SSL loss
+    def backbone(self) -> nn.Module:
+        """The classifier the loss runs through: with ``fold_bn``, its BatchNorm-folded twin.
+
+        The folded copy (:func:`revlit.models.fold.fold_batchnorm`) computes the same features
+        to float rounding with about half the saved activations and ~1.3x the input-gradient
+        throughput. It is rebuilt whenever the classifier's parameters or buffers change
+        (in-place updates bump their version), move device or change dtype.
+        """
+        if not self.fold_bn:
+            return self.classifier
+        tensors = list(self.classifier.parameters()) + list(self.classifier.buffers())
+        key = tuple((id(t), t._version, t.device, t.dtype) for t in tensors)
+        if self._folded is None or self._folded[0] != key:
+            folded, _ = fold_batchnorm(self.classifier)
+            if folded is not self.classifier:
+                fmt = (
+                    torch.channels_last
+                    if any(
+                        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                        and not p.is_contiguous()
+                        for p in self.classifier.parameters()
+                    )
+                    else torch.contiguous_format
+                )  # fmt: skip
+                folded = folded.to(memory_format=fmt)
+            self._folded = (key, folded)
+        return self._folded[1]
+
     def _per_image_loss(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Per-image contrastive loss (N,) of fresh views of ``x`` (graph kept if x needs grad)."""
         n = x.shape[0]
         per = ssl_loss(
-            self.classifier,
+            self.backbone(),
             self.head,
             self.views,
             self.loss,
@@ -176,6 +221,33 @@ class ReversePurifier:
                 f"got {tuple(per.shape)}"
             )
         return per
+
+    def _loss_and_grad_recompute(
+        self, xr: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image loss (N,) and its input gradient with the backbone's graph one chunk at a time.
+
+        Same draw of views, same chunks and the same head/loss call on all features as
+        :func:`revlit.ssl.head.ssl_loss`, so the loss and the gradient are those of the default
+        path; only the backbone's activations are alive for one chunk at a time.
+        """
+        net = self.backbone()
+        v = self.views(xr, self.n_views, generator).contiguous(memory_format=torch.channels_last)
+        parts = v.detach().split(self.chunk_size)
+        with torch.no_grad():
+            feats = torch.cat([net.features(p) for p in parts])
+        feats.requires_grad_(True)
+        per = self.loss(self.head(feats), self.n_views, reduction="none")
+        (g_feats,) = torch.autograd.grad(per.sum(), feats)
+        g_views = torch.empty_like(v)
+        start = 0
+        for p in parts:
+            pc = p.detach().requires_grad_(True)
+            stop = start + p.shape[0]
+            (g_views[start:stop],) = torch.autograd.grad(net.features(pc), pc, g_feats[start:stop])
+            start = stop
+        (grad,) = torch.autograd.grad(v, xr, g_views)
+        return per, grad
 
     @torch.no_grad()
     def ssl_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -235,8 +307,11 @@ class ReversePurifier:
             for t in range(self.steps + 1):
                 if t < self.steps:
                     xr = cur.detach().requires_grad_(True)
-                    per = self._per_image_loss(xr, generator)
-                    (grad,) = torch.autograd.grad(per.sum(), xr)
+                    if self.recompute:
+                        per, grad = self._loss_and_grad_recompute(xr, generator)
+                    else:
+                        per = self._per_image_loss(xr, generator)
+                        (grad,) = torch.autograd.grad(per.sum(), xr)
                 else:  # the last iterate only needs its loss
                     with torch.no_grad():
                         per = self._per_image_loss(cur, generator)
