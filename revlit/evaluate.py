@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=None, help="SSL loss temperature")
     p.add_argument("--chunk-size", type=int, default=512, help="max views per backbone pass")
+    p.add_argument(
+        "--fold-bn", action="store_true", help="purify through a BatchNorm-folded classifier copy"
+    )
+    p.add_argument(
+        "--recompute", action="store_true", help="memory bounded by the chunk (+1 forward/step)"
+    )
     p.add_argument("--seed", type=int, default=0, help="run seed (per batch: + first test index)")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default $REVLIT_DATA_DIR)")
     p.add_argument("--pgd-root", default="data/pgd", help="folder of the stored sets")
@@ -115,6 +121,8 @@ def _run_one(args, split: str, defense: str, out_dir: Path, run_name: str):
         loss=args.loss,
         temperature=args.temperature,
         chunk_size=args.chunk_size,
+        fold_bn=args.fold_bn,
+        recompute=args.recompute,
         seed=args.seed,
         allow_mismatch=args.allow_mismatch,
     )

@@ -109,6 +109,10 @@ class DefenseModule(pl.LightningModule):
             head checkpoint records, else ``nt_xent``. It must be the loss the head was trained with.
         temperature: its temperature; default: the head's record, else 0.2.
         chunk_size: the backbone runs over at most this many views at a time.
+        fold_bn: purify through a BatchNorm-folded copy of the classifier (faster, same function
+            to float rounding, not pixel-identical; see :class:`ReversePurifier`).
+        recompute: bound a step's memory by ``chunk_size`` views instead of the batch (one extra
+            backbone forward per step; same computation).
         seed: run seed; each batch's generator is seeded from (seed, first test index).
         allow_mismatch: accept a head trained on another classifier, and a stored set made
             against another classifier.
@@ -131,6 +135,8 @@ class DefenseModule(pl.LightningModule):
         loss: str | None = None,
         temperature: float | None = None,
         chunk_size: int = 512,
+        fold_bn: bool = False,
+        recompute: bool = False,
         seed: int = 0,
         allow_mismatch: bool = False,
         viz_images: int = 8,
@@ -179,6 +185,8 @@ class DefenseModule(pl.LightningModule):
             select=select,
             random_start=random_start,
             chunk_size=chunk_size,
+            fold_bn=fold_bn,
+            recompute=recompute,
         )
         self.noise = RandomNoise(norm=norm, eps=as_float(eps, "eps"))
         nc = getattr(net, "num_classes", 10)
