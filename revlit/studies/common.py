@@ -687,3 +687,32 @@ __all__ = [
     "seed_runs",
     "ssl_scores",
 ]
+
+
+def run_measured(
+    args, ctx, name: str, quick: dict, add_args: Callable, measure: Callable, report: Callable
+) -> dict:
+    """A study's ``run``: measure (or, with ``--rerender``, reload) its state, save it, report.
+
+    ``measure(args, ctx, out) -> state`` does the expensive part; ``report(state, out, ctx)``
+    writes the table, figure and findings from the state alone.
+    """
+    if ctx.quick:
+        apply_quick(args, quick, add_args)
+    out = StudyOutput(ctx.out, name)
+    if args.rerender:
+        return report(out.load_state(), out, ctx)
+    state = measure(args, ctx, out)
+    out.save_state(state)
+    return report(state, out, ctx)
+
+
+def splits_info(splits: dict, names, classifier_sha256: str, quick: bool) -> dict:
+    """The ``info`` block of a study's state: n, split labels, set description, classifier."""
+    return {
+        "n": len(splits["clean"]),
+        "labels": {nm: splits[nm].label for nm in names},
+        "sets": describe_sets(splits),
+        "classifier_sha256": classifier_sha256,
+        "quick": quick,
+    }

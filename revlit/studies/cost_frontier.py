@@ -23,13 +23,13 @@ import torch
 from revlit.studies.common import (
     DefenseConfig,
     StudyOutput,
-    apply_quick,
     bootstrap_ci,
     defend,
     describe_sets,
     figure,
     fmt_ci,
     markdown_table,
+    run_measured,
     sha12,
 )
 from revlit.studies.context import Context
@@ -84,14 +84,7 @@ def propose(rows: list[dict], ref_passes: int, splits: list[str]) -> dict | None
 
 
 def run(args: argparse.Namespace, ctx: Context) -> dict:
-    if ctx.quick:
-        apply_quick(args, QUICK, add_args)
-    out = StudyOutput(ctx.out, NAME)
-    if args.rerender:
-        return report(out.load_state(), out, ctx)
-    state = measure(args, ctx, out)
-    out.save_state(state)
-    return report(state, out, ctx)
+    return run_measured(args, ctx, NAME, QUICK, add_args, measure, report)
 
 
 def measure(args: argparse.Namespace, ctx: Context, out: StudyOutput) -> dict:

@@ -26,14 +26,14 @@ import argparse
 from revlit.studies.common import (
     DefenseConfig,
     StudyOutput,
-    apply_quick,
     bootstrap_ci,
-    describe_sets,
     figure,
     fmt_ci,
     markdown_table,
     mean_std,
+    run_measured,
     seed_runs,
+    splits_info,
     ssl_scores,
 )
 from revlit.studies.context import Context
@@ -88,14 +88,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> dict:
-    if ctx.quick:
-        apply_quick(args, QUICK, add_args)
-    out = StudyOutput(ctx.out, NAME)
-    if args.rerender:
-        return report(out.load_state(), out, ctx)
-    state = measure(args, ctx, out)
-    out.save_state(state)
-    return report(state, out, ctx)
+    return run_measured(args, ctx, NAME, QUICK, add_args, measure, report)
 
 
 def measure(args: argparse.Namespace, ctx: Context, out: StudyOutput) -> dict:
@@ -177,13 +170,7 @@ def measure(args: argparse.Namespace, ctx: Context, out: StudyOutput) -> dict:
         "seeds": seeds,
         "noise": noise,
         "measured": measured,
-        "info": {
-            "n": len(splits["clean"]),
-            "labels": {nm: splits[nm].label for nm in names},
-            "sets": describe_sets(splits),
-            "classifier_sha256": base.classifier_info["sha256"],
-            "quick": ctx.quick,
-        },
+        "info": splits_info(splits, names, base.classifier_info["sha256"], ctx.quick),
         "timing": out.timing(),
     }
 
