@@ -41,11 +41,11 @@ from torch import nn
 
 from revlit.attacks.norms import Norm
 from revlit.attacks.pgd import pgd
-from revlit.callbacks.export import git_commit
 from revlit.defenses.reference import reference_purify
 from revlit.defenses.reverse import ReversePurifier
 from revlit.losses import ContrastiveLoss
 from revlit.models.fold import fold_batchnorm
+from revlit.models.lean import lean_input_grad
 from revlit.models.registry import build
 from revlit.ssl.head import SSLHead
 from revlit.ssl.views import SimCLRViews
@@ -84,6 +84,15 @@ def input_grad_pass(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One backbone forward + backward to the input (the unit of work of PGD and the purifier)."""
     xr = x.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(model.features(xr).float().square().sum(), xr)
+    return g
+
+
+def lean_grad_pass(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:func:`input_grad_pass` under :func:`revlit.models.lean.lean_input_grad` (same gradient)."""
+    xr = x.detach().requires_grad_(True)
+    with lean_input_grad():
+        f = model.features(xr)
+    (g,) = torch.autograd.grad(f.float().square().sum(), xr)
     return g
 
 
@@ -129,14 +138,21 @@ class Variant:
         }
 
 
-#: the purifier settings of the bench: (K, V, B, options); options is "" (the default path),
-#: "recompute" (memory bounded by the chunk), "fold_bn" (BatchNorm folded), or both joined by "+"
+#: the purifier settings of the bench: (K, V, B, options); options is "" (the default path: lean
+#: input gradients, :mod:`revlit.models.lean`), "plain" (autograd's own bookkeeping, the default
+#: before the lean path), "recompute" (memory bounded by the chunk), "fold_bn" (BatchNorm
+#: folded), or several joined by "+"
 PURIFIER_SETTINGS = (
+    (40, 4, 512, "plain"),
     (40, 4, 512, ""),
+    (10, 2, 256, "plain"),
+    (10, 2, 256, ""),
+)
+#: ``--variants all`` adds the memory/speed options of earlier sessions
+EXTRA_SETTINGS = (
     (40, 4, 512, "recompute"),
     (40, 4, 512, "fold_bn"),
     (40, 4, 512, "fold_bn+recompute"),
-    (10, 2, 256, ""),
     (10, 2, 256, "recompute"),
 )
 
@@ -171,6 +187,9 @@ def build_variants(
     for b in batches:
         x = _images(b)
         bound.append(Variant(f"bound@{b}", lambda x=x: input_grad_pass(model, x), b, 1))
+    for b in batches:
+        x = _images(b)
+        bound.append(Variant(f"bound lean@{b}", lambda x=x: lean_grad_pass(model, x), b, 1))
     if any("fold_bn" in o for *_, o in settings):
         folded = fold_batchnorm(model)[0].to(memory_format=torch.channels_last)
         for b in batches:
@@ -191,7 +210,7 @@ def build_variants(
         ks = min(k, steps_cap) if steps_cap else k
         pur = ReversePurifier(
             model, head, loss, SimCLRViews(), steps=ks, n_views=v,
-            fold_bn="fold_bn" in opts, recompute="recompute" in opts,
+            fold_bn="fold_bn" in opts, recompute="recompute" in opts, lean="plain" not in opts,
         )  # fmt: skip
         x = _images(b, 1)
 
@@ -259,12 +278,15 @@ def run_bench(
     for r in rows:
         r["peak_rss_mb_in_process"] = r.pop("peak_rss_mb")
         if memory and not r["name"].startswith("reference"):
-            r["peak_rss_mb"] = child_peak_rss_mb(
-                model_name, r["name"], list(batches), list(purifier_settings), pgd_batch
-            )
+            r["peak_rss_mb"], r["baseline_rss_mb"] = child_peak_rss_mb(
+                model_name, r["name"], list(batches), list(purifier_settings), pgd_batch,
+                with_baseline=True,
+            )  # fmt: skip
     best_bound = max(
         (r for r in rows if r["name"].startswith("bound@")), key=lambda r: r["images_per_s_max"]
     )
+    lean_bounds = [r for r in rows if r["name"].startswith("bound lean@")]
+    best_lean = max(lean_bounds, key=lambda r: r["images_per_s_max"]) if lean_bounds else None
     folded_bounds = [r for r in rows if r["name"].startswith("bound folded@")]
     best_folded = max(folded_bounds, key=lambda r: r["images_per_s_max"]) if folded_bounds else None
     for r in rows:
@@ -279,22 +301,34 @@ def run_bench(
         r["fraction_of_bound_median"] = round(r["images_per_s_median"] / ceiling, 3)
         plain = best_bound["images_per_s_max"] / r["passes_per_image"]
         r["fraction_of_plain_bound"] = round(r["images_per_s_max"] / plain, 3)
+        lean_row = "plain" not in r["name"] and "fold_bn" not in r["name"]
+        if best_lean and r["name"].startswith("purifier") and lean_row:
+            lean_ceiling = best_lean["images_per_s_max"] / r["passes_per_image"]
+            r["fraction_of_lean_bound"] = round(r["images_per_s_max"] / lean_ceiling, 3)
     return {
         "kind": "revlit-bench/1",
         "model": model_name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": _git_commit(),
         "machine": platform.machine(),
         "processor": _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "malloc_env": {
             k: os.environ.get(k)
-            for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-        },
+            for k in (
+                "MALLOC_MMAP_THRESHOLD_",
+                "MALLOC_TRIM_THRESHOLD_",
+                "MALLOC_TOP_PAD_",
+                "LD_PRELOAD",
+                "MIMALLOC_PURGE_DELAY",
+                "MIMALLOC_ALLOW_LARGE_OS_PAGES",
+            )
+        },  # fmt: skip
         "bound_images_per_s": best_bound["images_per_s_max"],
         "bound_batch": best_bound["images"],
         "bound_folded_images_per_s": best_folded["images_per_s_max"] if best_folded else None,
+        "bound_lean_images_per_s": best_lean["images_per_s_max"] if best_lean else None,
         "rows": rows,
         "ddp": ddp_predict(ddp_n) if ddp else None,
     }
@@ -306,8 +340,13 @@ def child_peak_rss_mb(
     batches: list[int],
     purifier_settings: list,
     pgd_batch: int,
-) -> float:
-    """Peak RSS (MB) of a fresh process that builds the bench and runs only variant ``name`` once."""
+    with_baseline: bool = False,
+) -> float | tuple[float, float]:
+    """Peak RSS (MB) of a fresh process that builds the bench and runs only variant ``name`` once.
+
+    With ``with_baseline``, also the child's peak before the variant ran (interpreter, torch,
+    model and inputs): ``(peak, baseline)``.
+    """
     spec = json.dumps(
         {"model": model_name, "name": name, "batches": batches,
          "purifier_settings": purifier_settings, "pgd_batch": pgd_batch}
@@ -316,11 +355,12 @@ def child_peak_rss_mb(
         [sys.executable, "-m", "revlit.bench", "--_child", spec],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    return round(float(out.stdout.strip().splitlines()[-1]), 1)
+    peak, base = (round(float(t), 1) for t in out.stdout.strip().splitlines()[-1].split())
+    return (peak, base) if with_baseline else peak
 
 
 def _child(spec: str) -> None:
-    """Child of :func:`child_peak_rss_mb`: run one variant once, print ``ru_maxrss`` in MB."""
+    """Child of :func:`child_peak_rss_mb`: run one variant once, print peak and baseline in MB."""
     s = json.loads(spec)
     torch.manual_seed(0)
     model = _frozen(build(s["model"]))
@@ -329,8 +369,9 @@ def _child(spec: str) -> None:
         reference=s["name"].startswith("reference"), steps_cap=2,
     )  # fmt: skip
     (v,) = [v for v in bound + purifiers + attacks if v.name == s["name"]]
+    base = vm_hwm_mb()
     v.fn()
-    print(vm_hwm_mb())
+    print(vm_hwm_mb(), base)
 
 
 def vm_hwm_mb() -> float:
@@ -382,6 +423,14 @@ def ddp_predict(n: int = 128, batch: int = 64) -> dict:
     return out
 
 
+def _git_commit() -> str:
+    # imported here: revlit.callbacks imports Lightning (~220 MB), which the memory children of
+    # this bench must not carry (the purifier itself does not need it)
+    from revlit.callbacks.export import git_commit
+
+    return git_commit()
+
+
 def _cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -398,8 +447,8 @@ def format_table(rec: dict) -> str:
         f"bench: {rec['model']} · {rec['processor']} · torch {rec['torch']} · {rec['threads']} threads · "
         f"{rec['date']} · commit {rec['commit']}",
         "",
-        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median) | of the plain bound | peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median) | of the plain bound | of the lean bound | peak RSS (MB) | before the variant (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rec["rows"]:
         frac = (
@@ -411,15 +460,20 @@ def format_table(rec: dict) -> str:
         lines.append(
             f"| {r['name']} | {r['passes_per_image']} | {r['images_per_s_max']:.1f} | "
             f"{r['images_per_s_median']:.1f} | {r.get('bound_images_per_s', '')} | "
-            f"{frac} | {r.get('fraction_of_plain_bound', '')} | {mem:.0f} |"
+            f"{frac} | {r.get('fraction_of_plain_bound', '')} | "
+            f"{r.get('fraction_of_lean_bound', '')} | {mem:.0f} | {r.get('baseline_rss_mb', '')} |"
         )
     lines.append("")
     lines.append(
         "bound = the best bound@B (forward + backward to the input, frozen parameters, "
         "channels_last); fold_bn rows are measured against the folded backbone's own best bound "
-        "(bound folded@B) and, in the next column, against the plain one; 'reference' rows are "
-        "the plain loop (revlit.defenses.reference) before the speed work; peak RSS = VmHWM of "
-        "the whole process, each variant alone in a fresh child (purifiers: 2 steps)."
+        "(bound folded@B) and, in the next column, against the plain one; lean purifier rows "
+        "(no option: the default) are measured against the plain bound, and also against the "
+        "lean backbone's own (bound lean@B); 'plain' rows are the default path before the lean "
+        "input gradients; 'reference' rows are the plain loop (revlit.defenses.reference) "
+        "before any speed work; peak RSS = VmHWM of the whole process, each variant alone in a "
+        "fresh child (purifiers: 2 steps; a step's memory does not grow with K), and the "
+        "child's VmHWM before the variant ran (interpreter, torch, model, inputs)."
     )
     env = rec.get("malloc_env") or {}
     lines.append(f"allocator environment: {env}")
@@ -454,6 +508,10 @@ def main(argv: list[str] | None = None) -> None:
         "--ddp", action="store_true", help="also time defended predict, 1 vs 2 DDP processes"
     )
     p.add_argument("--ddp-n", type=int, default=128, help="images of the DDP comparison")
+    p.add_argument(
+        "--variants", choices=("default", "all"), default="default",
+        help="'all' adds the recompute and fold_bn purifier rows",
+    )  # fmt: skip
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
@@ -464,11 +522,11 @@ def main(argv: list[str] | None = None) -> None:
         reference=not args.no_reference, memory=not args.no_memory, ddp=args.ddp, ddp_n=args.ddp_n
     )
     if args.quick:
-        rec = run_bench(
-            args.model, 1, (8, 16), ((2, 2, 8, ""), (2, 2, 8, "fold_bn+recompute")), 8, **common
-        )
+        quick = ((2, 2, 8, "plain"), (2, 2, 8, ""), (2, 2, 8, "fold_bn+recompute"))
+        rec = run_bench(args.model, 1, (8, 16), quick, 8, **common)
     else:
-        rec = run_bench(args.model, args.reps, tuple(args.batches), **common)
+        settings = PURIFIER_SETTINGS + (EXTRA_SETTINGS if args.variants == "all" else ())
+        rec = run_bench(args.model, args.reps, tuple(args.batches), settings, **common)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2))

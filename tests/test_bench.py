@@ -13,7 +13,8 @@ def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
     rec = json.loads(out.read_text())
     names = [r["name"] for r in rec["rows"]]
     assert names == [
-        "bound@8", "bound@16", "bound folded@8", "bound folded@16", "reference K=2 V=2 B=8",
+        "bound@8", "bound@16", "bound lean@8", "bound lean@16", "bound folded@8",
+        "bound folded@16", "reference K=2 V=2 B=8", "purifier K=2 V=2 B=8 plain",
         "purifier K=2 V=2 B=8", "purifier K=2 V=2 B=8 fold_bn+recompute", "PGD-10 Linf B=8",
     ]  # fmt: skip
     rows = {r["name"]: r for r in rec["rows"]}
@@ -32,6 +33,13 @@ def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
         assert r["fraction_of_plain_bound"] == pytest.approx(
             r["images_per_s_max"] / plain, abs=2e-3
         )
+    lean = rec["bound_lean_images_per_s"]
+    assert lean == max(rows[f"bound lean@{b}"]["images_per_s_max"] for b in (8, 16))
+    row = rows["purifier K=2 V=2 B=8"]  # the default (lean) path: against both bounds
+    assert row["fraction_of_lean_bound"] == pytest.approx(
+        row["images_per_s_max"] / (lean / row["passes_per_image"]), abs=2e-3
+    )
+    assert "fraction_of_lean_bound" not in rows["purifier K=2 V=2 B=8 plain"]
     for key in ("date", "commit", "torch", "threads", "processor", "malloc_env"):
         assert key in rec
     assert "fraction of bound" in (tmp_path / "bench.md").read_text()

@@ -30,6 +30,7 @@ from torch import nn
 from revlit.attacks.norms import Norm, l2_step, linf_step, project, random_init
 from revlit.defenses.noise import check_images, parse_norm
 from revlit.models.fold import fold_batchnorm
+from revlit.models.lean import MaskArena, lean_input_grad
 from revlit.ssl.head import ssl_loss
 from revlit.utils import as_float
 
@@ -92,6 +93,11 @@ class ReversePurifier:
             backbone over all views without a graph, take the loss's gradient w.r.t. the
             features, then re-run each chunk with a graph and back-propagate its part. Costs one
             extra backbone forward per step; the gradient is the same computation.
+        lean: run the backbone under :func:`revlit.models.lean.lean_input_grad`: conv and
+            eval BatchNorm save nothing for the backward pass and ReLUs a 1-byte mask, so a step
+            keeps ~0.18 MB per view of ResNet-20 activations instead of ~1.5 MB. The input
+            gradient is bitwise the one of the default path (same ATen kernels), so the
+            repaired images are identical.
 
     ``purify`` computes gradients w.r.t. the input only (``torch.autograd.grad``), with every
     module in eval mode and its parameters frozen for the duration (modes and ``requires_grad``
@@ -115,10 +121,13 @@ class ReversePurifier:
         chunk_size: int = 512,
         fold_bn: bool = False,
         recompute: bool = False,
+        lean: bool = True,
     ) -> None:
         self.classifier, self.head, self.loss, self.views = classifier, head, loss, views
-        self.fold_bn, self.recompute = bool(fold_bn), bool(recompute)
+        self.fold_bn, self.recompute, self.lean = bool(fold_bn), bool(recompute), bool(lean)
         self._folded: tuple[tuple, nn.Module] | None = None
+        # the lean path's ReLU masks: one set of blocks, handed out again at every step
+        self._arena = MaskArena(reuse=True)
         self.norm = parse_norm(norm)
         self.eps = as_float(eps, "eps")
         self.step_size = as_float(step_size, "step_size")
@@ -158,6 +167,7 @@ class ReversePurifier:
             "chunk_size": self.chunk_size,
             "fold_bn": self.fold_bn,
             "recompute": self.recompute,
+            "lean": self.lean,
             "view_mode": getattr(self.views, "mode", None),
         }
 
@@ -201,6 +211,11 @@ class ReversePurifier:
             self._folded = (key, folded)
         return self._folded[1]
 
+    def _next_arena(self) -> MaskArena:
+        """The mask arena, reset: the previous step's graph (and its masks) is gone by now."""
+        self._arena.reset()
+        return self._arena
+
     def _per_image_loss(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Per-image contrastive loss (N,) of fresh views of ``x`` (graph kept if x needs grad)."""
         n = x.shape[0]
@@ -214,6 +229,8 @@ class ReversePurifier:
             generator=generator,
             reduction="none",
             chunk=self.chunk_size,
+            lean=self.lean and x.requires_grad,
+            arena=self._next_arena() if self.lean and x.requires_grad else None,
         )
         if per.shape != (n,):
             raise ValueError(
@@ -244,7 +261,9 @@ class ReversePurifier:
         for p in parts:
             pc = p.detach().requires_grad_(True)
             stop = start + p.shape[0]
-            (g_views[start:stop],) = torch.autograd.grad(net.features(pc), pc, g_feats[start:stop])
+            with lean_input_grad(self._next_arena()) if self.lean else contextlib.nullcontext():
+                f = net.features(pc)
+            (g_views[start:stop],) = torch.autograd.grad(f, pc, g_feats[start:stop])
             start = stop
         (grad,) = torch.autograd.grad(v, xr, g_views)
         return per, grad

@@ -113,6 +113,9 @@ class DefenseModule(pl.LightningModule):
             to float rounding, not pixel-identical; see :class:`ReversePurifier`).
         recompute: bound a step's memory by ``chunk_size`` views instead of the batch (one extra
             backbone forward per step; same computation).
+        lean: memory-lean input gradients (:mod:`revlit.models.lean`; default on): the backbone
+            keeps 1-byte ReLU masks instead of its float activations between the forward and the
+            backward pass; bitwise the same gradients, so the same repaired images.
         seed: run seed; each batch's generator is seeded from (seed, first test index).
         allow_mismatch: accept a head trained on another classifier, and a stored set made
             against another classifier.
@@ -137,6 +140,7 @@ class DefenseModule(pl.LightningModule):
         chunk_size: int = 512,
         fold_bn: bool = False,
         recompute: bool = False,
+        lean: bool = True,
         seed: int = 0,
         allow_mismatch: bool = False,
         viz_images: int = 8,
@@ -187,6 +191,7 @@ class DefenseModule(pl.LightningModule):
             chunk_size=chunk_size,
             fold_bn=fold_bn,
             recompute=recompute,
+            lean=lean,
         )
         self.noise = RandomNoise(norm=norm, eps=as_float(eps, "eps"))
         nc = getattr(net, "num_classes", 10)

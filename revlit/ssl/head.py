@@ -16,6 +16,7 @@ classifier's sha256 unless ``allow_mismatch``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from revlit.models.checkpoint import CheckpointError, safe_load, sha256_file
+from revlit.models.lean import lean_input_grad
 
 HEAD_FORMAT = "revlit-ssl-head/1"
 
@@ -149,6 +151,8 @@ def ssl_loss(
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     chunk: int | None = None,
+    lean: bool = False,
+    arena=None,
 ) -> torch.Tensor:
     """Self-supervised loss of a batch: views -> ``classifier.features`` -> head -> loss.
 
@@ -169,6 +173,12 @@ def ssl_loss(
         reduction: ``"mean"`` (scalar) or ``"none"`` (per image, (N,)).
         chunk: if set, run the backbone over chunks of at most this many views (one graph, one
             loss); avoids the large-allocation page faults measured on CPU (DESIGN.md §4).
+        lean: run the backbone under :func:`revlit.models.lean.lean_input_grad` (one context for
+            all chunks): a frozen, eval-mode classifier then keeps only 1-byte ReLU masks for the
+            backward pass instead of its float activations; the input gradient is bitwise the
+            same. Needs a frozen classifier to save anything (other calls fall through).
+        arena: with ``lean``, the :class:`revlit.models.lean.MaskArena` the ReLU masks come from
+            (default: a fresh one).
 
     Returns:
         The loss: a scalar or (N,).
@@ -179,8 +189,9 @@ def ssl_loss(
         loss = ContrastiveLoss(loss)
     v = views(x, n_views, generator)
     v = v.contiguous(memory_format=torch.channels_last)  # 1.1-1.8x faster convs (DESIGN.md)
-    if chunk is not None and chunk > 0 and v.shape[0] > chunk:
-        feats = torch.cat([classifier.features(part) for part in v.split(chunk)])
-    else:
-        feats = classifier.features(v)
+    with lean_input_grad(arena) if lean else contextlib.nullcontext():
+        if chunk is not None and chunk > 0 and v.shape[0] > chunk:
+            feats = torch.cat([classifier.features(part) for part in v.split(chunk)])
+        else:
+            feats = classifier.features(v)
     return loss(head(feats), n_views, reduction=reduction)
