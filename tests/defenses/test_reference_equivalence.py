@@ -83,16 +83,24 @@ def test_l2_criterion_is_sensitive_to_a_changed_step():
         _assert_same_images(out, ref, "l_2")
 
 
-@pytest.mark.parametrize("mode", ["shared", "per_sample"])
-def test_lean_and_plain_paths_return_identical_images(mode):
-    """The lean input gradients are bitwise autograd's: the same images, pixel for pixel."""
+def _two_runs(mode: str, first: dict, second: dict):
+    """The channels_last purifier (4 steps, 3 views, chunks of 5) with two option sets, same seed."""
     clf, head, loss, views = _parts(mode)
     clf = clf.to(memory_format=torch.channels_last)
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     outs = []
-    for flag in (True, False):
-        pur = ReversePurifier(clf, head, loss, views, steps=4, n_views=3, chunk_size=5, lean=flag)
+    for opts in (first, second):
+        pur = ReversePurifier(clf, head, loss, views, steps=4, n_views=3, chunk_size=5, **opts)
         outs.append(pur.purify(x, torch.Generator().manual_seed(7)))
+    # not vacuous: the images moved
+    assert ((outs[0][0] - x).abs() > 1e-3).float().mean() > 0.5
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
+def test_lean_and_plain_paths_return_identical_images(mode):
+    """The lean input gradients are bitwise autograd's: the same images, pixel for pixel."""
+    outs = _two_runs(mode, {"lean": True}, {"lean": False})
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1])
 
@@ -100,16 +108,6 @@ def test_lean_and_plain_paths_return_identical_images(mode):
 @pytest.mark.parametrize("mode", ["shared", "per_sample"])
 def test_recompute_mode_returns_the_default_paths_images(mode):
     """The memory-bounded path (graph one chunk at a time) is the same computation."""
-    clf, head, loss, views = _parts(mode)
-    clf = clf.to(memory_format=torch.channels_last)
-    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    outs = []
-    for recompute in (False, True):
-        pur = ReversePurifier(
-            clf, head, loss, views, steps=4, n_views=3, chunk_size=5, recompute=recompute
-        )
-        outs.append(pur.purify(x, torch.Generator().manual_seed(7)))
+    outs = _two_runs(mode, {"recompute": False}, {"recompute": True})
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)
     assert ((outs[1][0] - outs[0][0]).abs() > 1e-5).float().mean() < 1e-3
-    # and it is not vacuous: the images moved
-    assert ((outs[1][0] - x).abs() > 1e-3).float().mean() > 0.5
