@@ -219,6 +219,7 @@ class ReversePurifier:
     def _per_image_loss(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Per-image contrastive loss (N,) of fresh views of ``x`` (graph kept if x needs grad)."""
         n = x.shape[0]
+        lean = self.lean and x.requires_grad
         per = ssl_loss(
             self.backbone(),
             self.head,
@@ -229,8 +230,8 @@ class ReversePurifier:
             generator=generator,
             reduction="none",
             chunk=self.chunk_size,
-            lean=self.lean and x.requires_grad,
-            arena=self._next_arena() if self.lean and x.requires_grad else None,
+            lean=lean,
+            arena=self._next_arena() if lean else None,
         )
         if per.shape != (n,):
             raise ValueError(
