@@ -27,8 +27,9 @@ carved out of 64 MB blocks (big enough for glibc to ``mmap`` them outside the he
 masks do not fragment the heap between the short-lived activations of the forward pass.
 
 Every other op (additions, pooling, normalisation, linear layers) and every call that does not
-qualify (weights that require grad, BatchNorm in training mode, string padding) falls through to
-the ordinary implementation, so the context is always safe to use; it only saves memory where it
+qualify (weights that require grad, BatchNorm in training mode, string padding, and for conv and
+BatchNorm any device but the CPU, where the placeholder trick has not been checked yet) falls
+through to the ordinary implementation, so the context is always safe to use; it only saves memory where it
 can. Framework-free: plain ``torch``.
 
 Usage::
@@ -51,6 +52,10 @@ from torch.overrides import TorchFunctionMode
 MASK_BLOCK_BYTES = 64 * 2**20
 #: eval BatchNorm backward as two broadcast products on CPU float32 (False: ATen's own kernel)
 BN_PRODUCTS = True
+#: devices on which the conv / BatchNorm replacements (whose backward hands ATen an unread
+#: placeholder input) were checked bitwise against autograd; elsewhere those two ops fall through
+#: to autograd and only the ReLU masks are used, until a GPU run checks them (tests/models/test_lean.py)
+VERIFIED_DEVICES = ("cpu",)
 
 
 def _pair(v) -> list[int]:
@@ -267,7 +272,12 @@ class lean_input_grad(TorchFunctionMode):  # noqa: N801 - used like a function: 
         if func is F.conv2d:
             x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
             padding = _arg(args, kwargs, 4, "padding", 0)
-            if _needs_input_grad(x) and _frozen(w, b) and not isinstance(padding, str):
+            if (
+                _needs_input_grad(x)
+                and x.device.type in VERIFIED_DEVICES
+                and _frozen(w, b)
+                and not isinstance(padding, str)
+            ):
                 self.replaced["conv2d"] += 1
                 return _FrozenConv2d.apply(
                     x, w, b, _arg(args, kwargs, 3, "stride", 1), padding,
@@ -281,6 +291,7 @@ class lean_input_grad(TorchFunctionMode):  # noqa: N801 - used like a function: 
             eps = _arg(args, kwargs, 7, "eps", 1e-5)
             if (
                 _needs_input_grad(x)
+                and x.device.type in VERIFIED_DEVICES
                 and not training
                 and mean is not None
                 and var is not None

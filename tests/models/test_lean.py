@@ -26,7 +26,7 @@ def _features_and_grad(model, x, lean: bool):
             f = model.features(xr)
     else:
         mode, f = None, model.features(xr)
-    w = torch.linspace(-1, 1, f.shape[1])
+    w = torch.linspace(-1, 1, f.shape[1], device=f.device)
     (g,) = torch.autograd.grad((f * w).square().sum(), xr)
     return f.detach(), g, mode
 
@@ -157,3 +157,17 @@ def test_a_reusing_arena_hands_out_its_blocks_again_and_refuses_stale_masks():
     arena.reset()  # f's masks are now stale: its backward must not read the next step's
     with pytest.raises(RuntimeError, match="handed out again"):
         torch.autograd.grad(f.sum(), x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_placeholders_are_never_read(nan_placeholders, monkeypatch):
+    """For a GPU session: run this, and if it passes add "cuda" to lean.VERIFIED_DEVICES."""
+    monkeypatch.setattr(lean_mod, "VERIFIED_DEVICES", ("cpu", "cuda"))
+    model = _frozen(CifarResNet(depth=8), torch.channels_last).cuda()
+    x = torch.rand(6, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    f0, g0, _ = _features_and_grad(model, x, lean=False)
+    f1, g1, mode = _features_and_grad(model, x, lean=True)
+    assert mode.replaced["conv2d"] > 0 and mode.replaced["batch_norm"] > 0
+    assert not g1.isnan().any()
+    torch.testing.assert_close(f1, f0)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
