@@ -103,9 +103,10 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def _images(n: int, seed: int = 0) -> torch.Tensor:
+def _images(n: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(n, 3, 32, 32, generator=g).to(device)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class Variant:
@@ -117,11 +118,19 @@ class Variant:
         self.peak_rss = 0
 
     def run_once(self) -> None:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             self.fn()
+            if cuda:
+                torch.cuda.synchronize()
             self.times.append(time.perf_counter() - t0)
         self.peak_rss = max(self.peak_rss, mem.peak)
+        if cuda:
+            self.peak_gpu = max(getattr(self, "peak_gpu", 0), torch.cuda.max_memory_allocated())
 
     def summary(self) -> dict:
         best, med = min(self.times), statistics.median(self.times)
@@ -135,7 +144,7 @@ class Variant:
             "images_per_s_median": round(self.images / med, 2),
             "peak_rss_mb": round(self.peak_rss / 2**20, 1),
             "reps": len(self.times),
-        }
+        } | ({"peak_gpu_mb": round(self.peak_gpu / 2**20, 1)} if hasattr(self, "peak_gpu") else {})
 
 
 #: the purifier settings of the bench: (K, V, B, options); options is "" (the default path: lean
@@ -183,22 +192,23 @@ def build_variants(
     bound. ``steps_cap`` limits K (memory children: a step's memory does not grow with K).
     """
     settings = [_setting(p) for p in purifier_settings]
+    dev = next(model.parameters()).device
     bound = []
     for b in batches:
-        x = _images(b)
+        x = _images(b, device=dev)
         bound.append(Variant(f"bound@{b}", lambda x=x: input_grad_pass(model, x), b, 1))
     for b in batches:
-        x = _images(b)
+        x = _images(b, device=dev)
         bound.append(Variant(f"bound lean@{b}", lambda x=x: lean_grad_pass(model, x), b, 1))
     if any("fold_bn" in o for *_, o in settings):
         folded = fold_batchnorm(model)[0].to(memory_format=torch.channels_last)
         for b in batches:
             if b <= 1024:
-                x = _images(b)
+                x = _images(b, device=dev)
                 bound.append(
                     Variant(f"bound folded@{b}", lambda x=x: input_grad_pass(folded, x), b, 1)
                 )
-    head = SSLHead(model.feature_dim).eval()
+    head = SSLHead(model.feature_dim).to(dev).eval()
     loss = ContrastiveLoss("nt_xent", 0.2)
     plain_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
     plain_head = copy.deepcopy(head).eval()
@@ -212,7 +222,7 @@ def build_variants(
             model, head, loss, SimCLRViews(), steps=ks, n_views=v,
             fold_bn="fold_bn" in opts, recompute="recompute" in opts, lean="plain" not in opts,
         )  # fmt: skip
-        x = _images(b, 1)
+        x = _images(b, 1, dev)
 
         def run(pur=pur, x=x):
             return pur.purify(x, torch.Generator().manual_seed(0))
@@ -229,8 +239,8 @@ def build_variants(
 
             purifiers.append(Variant(f"reference K={k} V={v} B={b}", run_ref, b, k * v))
         purifiers.append(Variant(purifier_name(k, v, b, opts), run, b, k * v))
-    x = _images(pgd_batch, 2)
-    y = torch.randint(0, 10, (pgd_batch,), generator=torch.Generator().manual_seed(0))
+    x = _images(pgd_batch, 2, dev)
+    y = torch.randint(0, 10, (pgd_batch,), generator=torch.Generator().manual_seed(0)).to(dev)
     atk = Variant(
         f"PGD-10 Linf B={pgd_batch}",
         lambda: pgd(model, x, y, Norm.LINF, 8 / 255, 2 / 255, 10),
@@ -250,8 +260,13 @@ def run_bench(
     memory: bool = True,
     ddp: bool = False,
     ddp_n: int = 128,
+    device: str = "cpu",
 ) -> dict:
     """Measure everything in one process, variants interleaved; return the JSON record.
+
+    ``device``: where the model and the images live (``cpu``, ``cuda``). On a GPU, timings
+    synchronise the device, each row also records ``peak_gpu_mb`` (``max_memory_allocated``), and
+    the memory children (CPU resident memory) are skipped.
 
     The reference (plain-loop) variants run in the first repetition only (they are slow).
     ``memory``: afterwards, run every non-reference variant once more alone in a fresh child
@@ -263,7 +278,8 @@ def run_bench(
     the authors' 40 × 4) with 1 process and with 2 DDP processes.
     """
     torch.manual_seed(0)
-    model = _frozen(build(model_name))
+    model = _frozen(build(model_name)).to(device)
+    memory = memory and torch.device(device).type == "cpu"
     bound, purifiers, attacks = build_variants(
         model, list(batches), list(purifier_settings), pgd_batch, reference
     )
@@ -314,6 +330,7 @@ def run_bench(
         "processor": _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else device,
         "malloc_env": {
             k: os.environ.get(k)
             for k in (
@@ -447,7 +464,7 @@ def format_table(rec: dict) -> str:
         f"bench: {rec['model']} · {rec['processor']} · torch {rec['torch']} · {rec['threads']} threads · "
         f"{rec['date']} · commit {rec['commit']}",
         "",
-        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median) | of the plain bound | of the lean bound | peak RSS (MB) | before the variant (MB) |",
+        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median) | of the plain bound | of the lean bound | peak memory (MB) | before the variant (MB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rec["rows"]:
@@ -456,7 +473,7 @@ def format_table(rec: dict) -> str:
             if "fraction_of_bound" in r
             else ""
         )
-        mem = r.get("peak_rss_mb", r.get("peak_rss_mb_in_process"))
+        mem = r.get("peak_gpu_mb", r.get("peak_rss_mb", r.get("peak_rss_mb_in_process")))
         lines.append(
             f"| {r['name']} | {r['passes_per_image']} | {r['images_per_s_max']:.1f} | "
             f"{r['images_per_s_median']:.1f} | {r.get('bound_images_per_s', '')} | "
@@ -473,7 +490,8 @@ def format_table(rec: dict) -> str:
         "input gradients; 'reference' rows are the plain loop (revlit.defenses.reference) "
         "before any speed work; peak RSS = VmHWM of the whole process, each variant alone in a "
         "fresh child (purifiers: 2 steps; a step's memory does not grow with K), and the "
-        "child's VmHWM before the variant ran (interpreter, torch, model, inputs)."
+        "child's VmHWM before the variant ran (interpreter, torch, model, inputs); on a GPU, "
+        "peak memory is torch.cuda.max_memory_allocated of the variant's run."
     )
     env = rec.get("malloc_env") or {}
     lines.append(f"allocator environment: {env}")
@@ -512,15 +530,21 @@ def main(argv: list[str] | None = None) -> None:
         "--variants", choices=("default", "all"), default="default",
         help="'all' adds the recompute and fold_bn purifier rows",
     )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU: peak memory is the GPU's)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
         return _child(args._child)
     if args.reps < 1:
         p.error("--reps must be >= 1")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        p.error(f"--device must be cpu or cuda, got '{args.device}'")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is visible to torch here")
     common = dict(
-        reference=not args.no_reference, memory=not args.no_memory, ddp=args.ddp, ddp_n=args.ddp_n
-    )
+        reference=not args.no_reference, memory=not args.no_memory, ddp=args.ddp, ddp_n=args.ddp_n,
+        device=args.device,
+    )  # fmt: skip
     if args.quick:
         quick = ((2, 2, 8, "plain"), (2, 2, 8, ""), (2, 2, 8, "fold_bn+recompute"))
         rec = run_bench(args.model, 1, (8, 16), quick, 8, **common)

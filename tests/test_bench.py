@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from revlit import bench
 
@@ -73,7 +74,12 @@ def test_table_shows_the_ddp_comparison():
     assert "| 2 | ddp | 1.8 |" in table and "speed-up 0.9x" in table
 
 
-def test_bad_reps_is_refused():
+@pytest.mark.parametrize(
+    "argv",
+    [["--reps", "0"], ["--device", "tpu"]]
+    + ([] if torch.cuda.is_available() else [["--device", "cuda"]]),
+)
+def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit) as e:
-        bench.main(["--reps", "0"])
+        bench.main(argv)
     assert e.value.code == 2
