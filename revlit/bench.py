@@ -21,6 +21,7 @@ min and median over repetitions are reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -80,17 +81,13 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def input_grad_pass(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One backbone forward + backward to the input (the unit of work of PGD and the purifier)."""
-    xr = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(model.features(xr).float().square().sum(), xr)
-    return g
+def input_grad_pass(model: nn.Module, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
+    """One backbone forward + backward to the input (the unit of work of PGD and the purifier).
 
-
-def lean_grad_pass(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """:func:`input_grad_pass` under :func:`revlit.models.lean.lean_input_grad` (same gradient)."""
+    ``lean``: the forward runs under :func:`revlit.models.lean.lean_input_grad` (same gradient).
+    """
     xr = x.detach().requires_grad_(True)
-    with lean_input_grad():
+    with lean_input_grad() if lean else contextlib.nullcontext():
         f = model.features(xr)
     (g,) = torch.autograd.grad(f.float().square().sum(), xr)
     return g
@@ -199,7 +196,9 @@ def build_variants(
         bound.append(Variant(f"bound@{b}", lambda x=x: input_grad_pass(model, x), b, 1))
     for b in batches:
         x = _images(b, device=dev)
-        bound.append(Variant(f"bound lean@{b}", lambda x=x: lean_grad_pass(model, x), b, 1))
+        bound.append(
+            Variant(f"bound lean@{b}", lambda x=x: input_grad_pass(model, x, lean=True), b, 1)
+        )
     if any("fold_bn" in o for *_, o in settings):
         folded = fold_batchnorm(model)[0].to(memory_format=torch.channels_last)
         for b in batches:
@@ -298,13 +297,12 @@ def run_bench(
                 model_name, r["name"], list(batches), list(purifier_settings), pgd_batch,
                 with_baseline=True,
             )  # fmt: skip
-    best_bound = max(
-        (r for r in rows if r["name"].startswith("bound@")), key=lambda r: r["images_per_s_max"]
-    )
-    lean_bounds = [r for r in rows if r["name"].startswith("bound lean@")]
-    best_lean = max(lean_bounds, key=lambda r: r["images_per_s_max"]) if lean_bounds else None
-    folded_bounds = [r for r in rows if r["name"].startswith("bound folded@")]
-    best_folded = max(folded_bounds, key=lambda r: r["images_per_s_max"]) if folded_bounds else None
+
+    def best(prefix: str) -> dict | None:  # the fastest bound row of one backbone variant
+        found = [r for r in rows if r["name"].startswith(prefix)]
+        return max(found, key=lambda r: r["images_per_s_max"]) if found else None
+
+    best_bound, best_lean, best_folded = best("bound@"), best("bound lean@"), best("bound folded@")
     for r in rows:
         if r["name"].startswith("bound"):
             continue

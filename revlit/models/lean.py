@@ -66,7 +66,8 @@ def _placeholder(meta: tuple) -> torch.Tensor:
     """An uninitialised tensor with the saved input's shape, strides, dtype and device.
 
     The ATen backward kernels read only its metadata (memory format, sizes) when no weight
-    gradient is asked for; its pages are never written, so it costs no resident memory.
+    gradient is asked for, so its pages are never touched and cost no resident memory. (The
+    BatchNorm products use one as their output buffer and write it in full.)
     """
     shape, stride, dtype, device = meta
     return torch.empty_strided(shape, stride, dtype=dtype, device=device)
@@ -115,15 +116,14 @@ class MaskArena:
         if not self.reuse:
             self._blocks.clear()
 
-    def _next_block(self) -> torch.Tensor:
-        self._index += 1
-        self._used = 0
+    def _next_block(self) -> None:
+        """Move on to the next block; without ``reuse`` only the current one is referenced."""
         if not self.reuse:
-            self._blocks[:] = [_mapped_block(self.block_bytes)]
-            self._index = 0
-        elif self._index == len(self._blocks):
+            self._blocks.clear()
+            self._index = -1
+        self._index, self._used = self._index + 1, 0
+        if self._index == len(self._blocks):
             self._blocks.append(_mapped_block(self.block_bytes))
-        return self._blocks[self._index]
 
     def mask_of(self, out: torch.Tensor) -> torch.Tensor:
         """``out != 0`` as a bool tensor with ``out``'s strides (``out`` is a ReLU output)."""
