@@ -227,7 +227,10 @@ class _MaskedReLU(torch.autograd.Function):
                 "lean_input_grad: this graph's ReLU masks were handed out again after "
                 "MaskArena.reset(); run its backward before the next reset"
             )
-        return ctx.mask.to(grad.dtype).mul_(grad), None, None
+        mask = ctx.mask
+        # uint8 -> float is a vectorised copy; bool -> float is not (2.5x slower on CPU)
+        out = torch.empty_strided(mask.shape, mask.stride(), dtype=grad.dtype, device=grad.device)
+        return out.copy_(mask.view(torch.uint8)).mul_(grad), None, None
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default=None):

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("shared", "per_sample")
+#: at most this many runs of equal jitter order in row order: jitter them in place (no gathers)
+MAX_RUNS = 32
 LUMA = (0.299, 0.587, 0.114)
 # The 24 orders of (brightness, contrast, saturation, hue); row k of this table is order k.
 _ORDERS = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.long)
@@ -63,22 +65,63 @@ def _bcast(f: torch.Tensor) -> torch.Tensor:
     return f.view(-1, 1, 1, 1)
 
 
+def clamp01(x: torch.Tensor) -> torch.Tensor:
+    """``x.clamp(0, 1)``: the same values and the same gradient, bit for bit, ~10x cheaper backward.
+
+    ``hardtanh(x, 0, 1)`` is the clamp; its backward is one vectorised kernel that passes the
+    gradient where 0 < x < 1, which is exactly where autograd's clamp backward passes it (its
+    ``where`` over two comparisons costs ~20 ms per 2048 views on 2 CPU threads, against ~1.6).
+    They differ only on NaN inputs, which images never hold (tests check the bits).
+    """
+    return F.hardtanh(x, 0.0, 1.0)
+
+
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``clamp(factor * x, 0, 1)`` with one factor per image (factor shape (N,))."""
-    return (x * _bcast(factor)).clamp(0.0, 1.0)
+    return clamp01(x * _bcast(factor))
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend each image with the mean of its grayscale version (torchvision semantics), clamp."""
     mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
     f = _bcast(factor)
-    return (f * x + (1.0 - f) * mean).clamp(0.0, 1.0)
+    return clamp01(f * x + (1.0 - f) * mean)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Blend each image with its grayscale version (torchvision semantics), clamp."""
     f = _bcast(factor)
-    return (f * x + (1.0 - f) * grayscale(x)).clamp(0.0, 1.0)
+    return clamp01(f * x + (1.0 - f) * grayscale(x))
+
+
+class _Tent(torch.autograd.Function):
+    """``clamp(min(k, 4 - k), 0, 1)`` whose backward is one product by a saved slope in {-1, 0, 1}."""
+
+    @staticmethod
+    def forward(ctx, k):
+        m = torch.minimum(k, 4.0 - k)
+        # slope +1 where 0 < k < 1 (m = k), -1 where 3 < k < 4 (m = 4 - k, exact there), else 0
+        slope = torch.ops.aten.hardtanh_backward(torch.sign(2.0 - k), m, 0.0, 1.0)
+        ctx.save_for_backward(slope)
+        return clamp01(m)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slope,) = ctx.saved_tensors
+        return grad * slope
+
+
+def tent(k: torch.Tensor) -> torch.Tensor:
+    """``clamp(minimum(k, 4 - k), 0, 1)`` (the hue-to-RGB weight), same values, same gradient values.
+
+    Autograd's backward of that expression costs ~10 ms per 2048 views (``minimum``'s backward
+    splits ties with ``where`` and ``masked_fill``); here it is one product. Where the two
+    branches tie (k = 2) the clamp blocks the gradient anyway, so the values agree everywhere
+    (a blocked entry may be -0 instead of +0; tests check the values).
+    """
+    if not (torch.is_grad_enabled() and k.requires_grad):
+        return clamp01(torch.minimum(k, 4.0 - k))
+    return _Tent.apply(k)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -115,8 +158,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     h, s, v = hsv[:, 0:1], hsv[:, 1:2], hsv[:, 2:3]
     n = torch.tensor((5.0, 3.0, 1.0), device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * h, 6.0)
-    w = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-    return v - v * s * w
+    return v - v * s * tent(k)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -326,6 +368,18 @@ class SimCLRViews(nn.Module):
         key = torch.where(p["apply_jitter"], p["order"], torch.full_like(p["order"], -1))
         if bool((key == -1).all()):
             return x
+        run_keys, run_sizes = torch.unique_consecutive(key, return_counts=True)
+        if len(run_keys) <= MAX_RUNS:
+            # rows of one draw are already together (shared mode: one run per view): run the
+            # groups on slices, no gathers (each row sees the same ops, so the same numbers)
+            parts = []
+            for k, xg, fg in zip(
+                run_keys.tolist(),
+                x.split(run_sizes.tolist()),
+                p["factors"].to(device=x.device, dtype=x.dtype).split(run_sizes.tolist()),
+            ):
+                parts.append(xg if k < 0 else self._jitter_group(xg, _ORDERS[k].tolist(), fg))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
         perm = torch.argsort(key, stable=True)
         keys, counts = torch.unique_consecutive(key[perm], return_counts=True)
         perm_d = perm.to(x.device)
