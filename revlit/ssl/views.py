@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("shared", "per_sample")
-#: at most this many runs of equal jitter order in row order: jitter them in place (no gathers)
+#: at most this many runs of equal jitter order (or grayscale flag) in row order: process the runs
+#: as slices (no gathers, no full-size ``where``); shared mode has one run per view
 MAX_RUNS = 32
 LUMA = (0.299, 0.587, 0.114)
 # The 24 orders of (brightness, contrast, saturation, hue); row k of this table is order k.
@@ -161,11 +162,104 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     return v - v * s * tent(k)
 
 
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image by ``shift`` (N,) turns (in [-0.5, 0.5]), differentiably."""
+def adjust_hue_reference(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """:func:`adjust_hue` as the plain composition ``hsv_to_rgb(rotate(rgb_to_hsv(x)))``.
+
+    Same values and gradient values as :func:`adjust_hue` (tests check it), ~3x slower forward
+    + backward; kept as the readable definition.
+    """
     hsv = rgb_to_hsv(x)
     h = torch.remainder(hsv[:, 0:1] + _bcast(shift), 1.0)
     return hsv_to_rgb(torch.cat((h, hsv[:, 1:]), dim=1))
+
+
+def _first_of(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, ref: torch.Tensor):
+    """0/1 float planes: which of a, b, c is the first to equal ``ref`` (one of their max/min).
+
+    ``1 - sign(|ref - a|)`` is 1 exactly where a == ref (a float difference is 0 only there);
+    the order is that of ``max(dim=1)`` / ``min(dim=1)``'s index on ties and of the hue's
+    sector formula (red before green before blue). Arithmetic instead of ``where``: ~20x
+    faster on CPU.
+    """
+    fa = 1.0 - torch.sign((ref - a).abs_())
+    fb = (1.0 - fa) * (1.0 - torch.sign((ref - b).abs_()))
+    return fa, fb, (1.0 - fa) - fb
+
+
+class _AdjustHue(torch.autograd.Function):
+    """The hue rotation of :func:`adjust_hue_reference` in one node, with a hand-derived backward.
+
+    Forward: the same float operations on the same values (``where`` selections replaced by
+    products with exact 0/1 masks, ``max(dim=1)`` by ``maximum``), so the output has the same
+    bits. Backward: the chain rule of the reference composition, term by term, in the order
+    autograd accumulates it (only ``g_maxc`` has three non-zero terms; the order is checked by
+    the tests), so the gradient has the same values (an entry that is zero may carry the other
+    sign).
+    """
+
+    @staticmethod
+    def forward(ctx, x, shift):
+        r, g, b = x.unbind(1)
+        maxc = torch.maximum(torch.maximum(r, g), b)
+        minc = torch.minimum(torch.minimum(r, g), b)
+        delta = maxc - minc
+        ng = torch.sign(delta)  # 1, or 0 for grey pixels (delta >= 0)
+        d = delta + (1.0 - ng)  # where(grey, 1, delta)
+        nzm = torch.sign(maxc).abs_()
+        mz = maxc + (1.0 - nzm)  # where(maxc == 0, 1, maxc)
+        s = delta / mz
+        q_r, q_g, q_b = (g - b) / d, (b - r) / d, (r - g) / d
+        fr, fg, fb = _first_of(r, g, b, maxc)  # the sector, and max(dim=1)'s index
+        h1 = (q_r * fr + (2.0 + q_g) * fg) + (4.0 + q_b) * fb
+        h = torch.remainder((h1 * ng) / 6.0, 1.0)
+        hp = torch.remainder(h.unsqueeze(1) + _bcast(shift), 1.0)
+        n = torch.tensor((5.0, 3.0, 1.0), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        k = torch.remainder(n + 6.0 * hp, 6.0)
+        m = torch.minimum(k, 4.0 - k)
+        w = clamp01(m)
+        v, s1 = maxc.unsqueeze(1), s.unsqueeze(1)
+        vs = v * s1
+        out = v - vs * w
+        if ctx.needs_input_grad[0]:
+            slope = torch.ops.aten.hardtanh_backward(torch.sign(2.0 - k), m, 0.0, 1.0)
+            q_sel = (q_r * fr + q_g * fg) + q_b * fb
+            mr, mg, mb = _first_of(r, g, b, minc)  # min(dim=1)'s index
+            ctx.save_for_backward(
+                w, vs, slope, s1, v, ng, nzm, d, mz, q_sel, fr, fg, fb, mr, mg, mb
+            )  # fmt: skip
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, vs, slope, s1, v, ng, nzm, d, mz, q_sel, fr, fg, fb, mr, mg, mb = ctx.saved_tensors
+        # hsv_to_rgb: out = v - (v * s) * w(k), k = (n + 6 h') mod 6, h' = (h + shift) mod 1
+        neg = -grad
+        g_vs = (neg * w).sum(1, keepdim=True)
+        g_h = ((neg * vs) * slope).sum(1) * 6.0
+        g_v = grad.sum(1) + (g_vs * s1).squeeze(1)
+        g_s = (g_vs * v).squeeze(1)
+        # rgb_to_hsv: h = (sector(q) * [not grey] / 6) mod 1, s = delta / mz, v = maxc
+        g_h1 = (g_h / 6.0) * ng
+        g_q = g_h1 / d  # the selected sector's numerator gradient (others are 0)
+        g_d = -g_h1 * (q_sel / d)
+        g_delta = g_s / mz + g_d * ng
+        g_mz = (-g_s * (s1.squeeze(1) / mz)) * nzm
+        g_maxc = (g_v + g_mz) + g_delta
+        g_minc = -g_delta
+        gn_r, gn_g, gn_b = g_q * fr, g_q * fg, g_q * fb  # numerators g - b, b - r, r - g
+        g_r = (-gn_g + gn_b) + g_maxc * fr + g_minc * mr
+        g_g = (gn_r + -gn_b) + g_maxc * fg + g_minc * mg
+        g_b = (-gn_r + gn_g) + g_maxc * fb + g_minc * mb
+        return torch.stack((g_r, g_g, g_b), dim=1), None
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image by ``shift`` (N,) turns (in [-0.5, 0.5]), differentiably.
+
+    x: RGB images (N, 3, H, W) in [0, 1]. The values and gradient values of
+    :func:`adjust_hue_reference` (RGB -> HSV -> rotate -> RGB), ~3x faster on CPU.
+    """
+    return _AdjustHue.apply(x, shift.to(device=x.device, dtype=x.dtype))
 
 
 class SimCLRViews(nn.Module):
@@ -419,7 +513,16 @@ class SimCLRViews(nn.Module):
         xr = x.repeat(n_views, 1, 1, 1)
         out = self._crop_flip(xr, p)
         out = self._jitter(out, p)
-        gray = p["gray"].to(x.device)
+        gray = p["gray"]
         if bool(gray.any()):
-            out = torch.where(gray.view(-1, 1, 1, 1), grayscale(out).expand_as(out), out)
+            flags, sizes = torch.unique_consecutive(gray, return_counts=True)
+            if len(flags) <= MAX_RUNS:  # shared mode: slices, no full-size where
+                parts = [
+                    grayscale(o).expand_as(o) if f else o
+                    for f, o in zip(flags.tolist(), out.split(sizes.tolist()))
+                ]
+                out = torch.cat(parts) if len(parts) > 1 else parts[0]
+            else:
+                gray = gray.to(x.device).view(-1, 1, 1, 1)
+                out = torch.where(gray, grayscale(out).expand_as(out), out)
         return out
