@@ -86,4 +86,3 @@ def test_fused_hue_equals_the_hsv_round_trip():
         assert torch.equal(_bits(ya), _bits(yb)), seed
         assert torch.equal(ga, gb), seed
         assert (ga != 0).float().mean() > 0.5
-
