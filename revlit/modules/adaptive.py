@@ -140,7 +140,7 @@ class AdaptiveModule(pl.LightningModule):
         sweep_steps: int | None = None,
         convergence: bool = True,
         seed: int = 0,
-        chunk_size: int = 512,
+        chunk_size: int = 256,
         allow_mismatch: bool = False,
         output_dir: str = "results/adaptive",
     ) -> None:

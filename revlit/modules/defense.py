@@ -137,7 +137,7 @@ class DefenseModule(pl.LightningModule):
         random_start: bool = True,
         loss: str | None = None,
         temperature: float | None = None,
-        chunk_size: int = 512,
+        chunk_size: int = 256,
         fold_bn: bool = False,
         recompute: bool = False,
         lean: bool = True,

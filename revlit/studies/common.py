@@ -235,7 +235,7 @@ class DefenseConfig:
     negatives: str = "batch"
     method: str = "reverse"
     loss: str | None = None
-    chunk_size: int = 512
+    chunk_size: int = 256
 
     def __post_init__(self) -> None:
         if self.negatives not in NEGATIVES:
