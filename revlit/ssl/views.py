@@ -95,15 +95,19 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return clamp01(f * x + (1.0 - f) * grayscale(x))
 
 
+def _tent_slope(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """d clamp(m, 0, 1) / dk for m = min(k, 4 - k): +1 where 0 < k < 1 (m = k), -1 where
+    3 < k < 4 (m = 4 - k, exact there), else 0."""
+    return torch.ops.aten.hardtanh_backward(torch.sign(2.0 - k), m, 0.0, 1.0)
+
+
 class _Tent(torch.autograd.Function):
     """``clamp(min(k, 4 - k), 0, 1)`` whose backward is one product by a saved slope in {-1, 0, 1}."""
 
     @staticmethod
     def forward(ctx, k):
         m = torch.minimum(k, 4.0 - k)
-        # slope +1 where 0 < k < 1 (m = k), -1 where 3 < k < 4 (m = 4 - k, exact there), else 0
-        slope = torch.ops.aten.hardtanh_backward(torch.sign(2.0 - k), m, 0.0, 1.0)
-        ctx.save_for_backward(slope)
+        ctx.save_for_backward(_tent_slope(k, m))
         return clamp01(m)
 
     @staticmethod
@@ -221,7 +225,7 @@ class _AdjustHue(torch.autograd.Function):
         vs = v * s1
         out = v - vs * w
         if ctx.needs_input_grad[0]:
-            slope = torch.ops.aten.hardtanh_backward(torch.sign(2.0 - k), m, 0.0, 1.0)
+            slope = _tent_slope(k, m)
             q_sel = (q_r * fr + q_g * fg) + q_b * fb
             mr, mg, mb = _first_of(r, g, b, minc)  # min(dim=1)'s index
             ctx.save_for_backward(
@@ -462,29 +466,23 @@ class SimCLRViews(nn.Module):
         key = torch.where(p["apply_jitter"], p["order"], torch.full_like(p["order"], -1))
         if bool((key == -1).all()):
             return x
-        run_keys, run_sizes = torch.unique_consecutive(key, return_counts=True)
-        if len(run_keys) <= MAX_RUNS:
-            # rows of one draw are already together (shared mode: one run per view): run the
-            # groups on slices, no gathers (each row sees the same ops, so the same numbers)
-            parts = []
-            for k, xg, fg in zip(
-                run_keys.tolist(),
-                x.split(run_sizes.tolist()),
-                p["factors"].to(device=x.device, dtype=x.dtype).split(run_sizes.tolist()),
-            ):
-                parts.append(xg if k < 0 else self._jitter_group(xg, _ORDERS[k].tolist(), fg))
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
-        perm = torch.argsort(key, stable=True)
-        keys, counts = torch.unique_consecutive(key[perm], return_counts=True)
-        perm_d = perm.to(x.device)
-        xs = x.index_select(0, perm_d)
-        fs = p["factors"].index_select(0, perm).to(device=x.device, dtype=x.dtype)
+        factors = p["factors"]
+        keys, counts = torch.unique_consecutive(key, return_counts=True)
+        perm = None
+        if len(keys) > MAX_RUNS:  # rows of one draw are scattered (per_sample mode): sort them
+            perm = torch.argsort(key, stable=True)
+            keys, counts = torch.unique_consecutive(key[perm], return_counts=True)
+            x, factors = x.index_select(0, perm.to(x.device)), factors.index_select(0, perm)
+        # else (shared mode: one run per view) the groups are slices already: no gathers, and
+        # each row sees the same ops, so the same numbers
         sizes = counts.tolist()
-        parts = []
-        for k, xg, fg in zip(keys.tolist(), xs.split(sizes), fs.split(sizes)):
-            parts.append(xg if k < 0 else self._jitter_group(xg, _ORDERS[k].tolist(), fg))
+        fs = factors.to(device=x.device, dtype=x.dtype).split(sizes)
+        parts = [
+            xg if k < 0 else self._jitter_group(xg, _ORDERS[k].tolist(), fg)
+            for k, xg, fg in zip(keys.tolist(), x.split(sizes), fs)
+        ]
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return out.index_select(0, torch.argsort(perm).to(x.device))
+        return out if perm is None else out.index_select(0, torch.argsort(perm).to(x.device))
 
     def forward(
         self,
