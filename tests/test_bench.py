@@ -16,7 +16,8 @@ def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
     assert names == [
         "bound@8", "bound@16", "bound lean@8", "bound lean@16", "bound folded@8",
         "bound folded@16", "reference K=2 V=2 B=8", "purifier K=2 V=2 B=8 plain",
-        "purifier K=2 V=2 B=8", "purifier K=2 V=2 B=8 fold_bn+recompute", "PGD-10 Linf B=8",
+        "purifier K=2 V=2 B=8 masks", "purifier K=2 V=2 B=8",
+        "purifier K=2 V=2 B=8 fold_bn+recompute", "PGD-10 Linf B=8",
     ]  # fmt: skip
     rows = {r["name"]: r for r in rec["rows"]}
     bound = rec["bound_images_per_s"]
@@ -41,6 +42,17 @@ def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
         row["images_per_s_max"] / (lean / row["passes_per_image"]), abs=2e-3
     )
     assert "fraction_of_lean_bound" not in rows["purifier K=2 V=2 B=8 plain"]
+    # a bound repetition repeats its pass up to the smallest workload's work (2 x 2 x 8 = 32)
+    assert rec["bound_window_image_passes"] == 32
+    assert [rows[f"bound@{b}"]["calls_per_rep"] for b in (8, 16)] == [4, 2]
+    assert rows["purifier K=2 V=2 B=8"]["calls_per_rep"] == 1
+    single = rec["bound_single_call_images_per_s"]
+    assert single == max(rows[f"bound@{b}"]["images_per_s_single_call_max"] for b in (8, 16))
+    assert single >= bound  # the fastest single pass is at least the windows' best
+    pgd_row = rows["PGD-10 Linf B=8"]
+    assert pgd_row["fraction_of_single_call_bound"] == pytest.approx(
+        pgd_row["images_per_s_max"] / (single / 10), abs=2e-3
+    )
     for key in ("date", "commit", "torch", "threads", "processor", "malloc_env"):
         assert key in rec
     assert "fraction of bound" in (tmp_path / "bench.md").read_text()

@@ -116,6 +116,8 @@ class DefenseModule(pl.LightningModule):
         lean: memory-lean input gradients (:mod:`revlit.models.lean`; default on): the backbone
             keeps 1-byte ReLU masks instead of its float activations between the forward and the
             backward pass; bitwise the same gradients, so the same repaired images.
+        relu_float_mb: with ``lean``, MiB of ReLU outputs a step keeps as floats before it
+            switches to masks (faster, 4x the memory of a mask; the same gradients).
         seed: run seed; each batch's generator is seeded from (seed, first test index).
         allow_mismatch: accept a head trained on another classifier, and a stored set made
             against another classifier.
@@ -141,6 +143,7 @@ class DefenseModule(pl.LightningModule):
         fold_bn: bool = False,
         recompute: bool = False,
         lean: bool = True,
+        relu_float_mb: float = 384.0,
         seed: int = 0,
         allow_mismatch: bool = False,
         viz_images: int = 8,
@@ -192,6 +195,7 @@ class DefenseModule(pl.LightningModule):
             fold_bn=fold_bn,
             recompute=recompute,
             lean=lean,
+            relu_float_mb=relu_float_mb,
         )
         self.noise = RandomNoise(norm=norm, eps=as_float(eps, "eps"))
         nc = getattr(net, "num_classes", 10)

@@ -153,6 +153,7 @@ def ssl_loss(
     chunk: int | None = None,
     lean: bool = False,
     arena=None,
+    relu_float_bytes: int = 0,
 ) -> torch.Tensor:
     """Self-supervised loss of a batch: views -> ``classifier.features`` -> head -> loss.
 
@@ -179,6 +180,8 @@ def ssl_loss(
             same. Needs a frozen classifier to save anything (other calls fall through).
         arena: with ``lean``, the :class:`revlit.models.lean.MaskArena` the ReLU masks come from
             (default: a fresh one).
+        relu_float_bytes: with ``lean``, keep the first ReLU outputs up to this many bytes as
+            floats instead of masks (faster; see :class:`revlit.models.lean.lean_input_grad`).
 
     Returns:
         The loss: a scalar or (N,).
@@ -189,7 +192,7 @@ def ssl_loss(
         loss = ContrastiveLoss(loss)
     v = views(x, n_views, generator)
     v = v.contiguous(memory_format=torch.channels_last)  # 1.1-1.8x faster convs (DESIGN.md)
-    with lean_input_grad(arena) if lean else contextlib.nullcontext():
+    with lean_input_grad(arena, relu_float_bytes) if lean else contextlib.nullcontext():
         if chunk is not None and chunk > 0 and v.shape[0] > chunk:
             feats = torch.cat([classifier.features(part) for part in v.split(chunk)])
         else:

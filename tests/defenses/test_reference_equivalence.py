@@ -106,6 +106,15 @@ def test_lean_and_plain_paths_return_identical_images(mode):
 
 
 @pytest.mark.parametrize("mode", ["shared", "per_sample"])
+@pytest.mark.parametrize("relu_float_mb", [0.02, 512.0])  # some of a step's ReLU outputs, all
+def test_float_relu_outputs_and_masks_return_identical_images(mode, relu_float_mb):
+    """Float ReLU outputs (autograd's own ReLU) or masks: the same images, pixel for pixel."""
+    outs = _two_runs(mode, {"relu_float_mb": relu_float_mb}, {"relu_float_mb": 0})
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
 def test_recompute_mode_returns_the_default_paths_images(mode):
     """The memory-bounded path (graph one chunk at a time) is the same computation."""
     outs = _two_runs(mode, {"recompute": False}, {"recompute": True})

@@ -187,6 +187,7 @@ def test_refuses_inference_mode_and_bad_settings():
         ({"n_views": 1}, "n_views"),
         ({"steps": -1}, "steps"),
         ({"eps": "x/255"}, "eps"),
+        ({"relu_float_mb": -1}, "relu_float_mb"),
     ]:
         with pytest.raises(ValueError, match=match):
             ReversePurifier(clf, head, loss, SimCLRViews(), **kw)

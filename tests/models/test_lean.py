@@ -171,3 +171,38 @@ def test_on_a_gpu_the_placeholders_are_never_read(nan_placeholders, monkeypatch)
     assert not g1.isnan().any()
     torch.testing.assert_close(f1, f0)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_float_relu_budget_keeps_the_first_outputs_and_the_same_gradient(name, nan_placeholders):
+    model = _frozen(MODELS[name](), torch.channels_last)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last)
+    _, g0, _ = _features_and_grad(model, x, lean=False)
+    counts, kept = [], []
+    for budget in (0, 4 * 16 * 32 * 32 * 4 * 3, 2**40):  # none, about three big ReLUs, all
+        xr = x.detach().requires_grad_(True)
+        with lean_input_grad(relu_float_bytes=budget) as mode:
+            f = model.features(xr)
+        w = torch.linspace(-1, 1, f.shape[1])
+        (g,) = torch.autograd.grad((f * w).square().sum(), xr)
+        assert torch.equal(g, g0)  # floats or masks: bitwise the same input gradient
+        assert mode.relu_float_kept <= budget
+        counts.append(mode.replaced["relu"])
+        kept.append(mode.relu_float_kept)
+    assert kept[0] == 0 and 0 < kept[1] < kept[2]
+    assert counts[0] > counts[1] > counts[2] == 0  # masks only past the budget
+
+
+def test_batchnorm_factors_follow_the_running_statistics():
+    model = _frozen(CifarResNet(depth=8), torch.channels_last)
+    x = torch.rand(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # the second round runs on cached factors, after an in-place change
+        _, g0, _ = _features_and_grad(model, x, lean=False)
+        _, g1, _ = _features_and_grad(model, x, lean=True)
+        assert torch.equal(g1, g0)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_var.mul_(1.7)
+                    m.weight.add_(0.25)
