@@ -53,6 +53,16 @@ def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
     assert pgd_row["fraction_of_single_call_bound"] == pytest.approx(
         pgd_row["images_per_s_max"] / (single / 10), abs=2e-3
     )
+    # paired: against the best bound window of the same repetition (one repetition here)
+    best_in_rep = max(
+        rows[f"bound@{b}"]["images"] * rows[f"bound@{b}"]["calls_per_rep"]
+        / rows[f"bound@{b}"]["seconds_per_rep"][0]
+        for b in (8, 16)
+    )  # fmt: skip
+    pgd_tput = pgd_row["images"] / pgd_row["seconds_per_rep"][0]
+    assert pgd_row["fraction_of_bound_paired_median"] == pytest.approx(
+        pgd_tput / (best_in_rep / 10), abs=2e-3
+    )
     for key in ("date", "commit", "torch", "threads", "processor", "malloc_env"):
         assert key in rec
     assert "fraction of bound" in (tmp_path / "bench.md").read_text()
