@@ -2,6 +2,7 @@
 
     python runs/session5_ab.py pass [REPS]       # one backbone pass at batch 256: fwd / bwd ms
     python runs/session5_ab.py purifier [REPS]   # purifier (K 10, V 2, B 256): img/s, paired ratio
+    python runs/session5_ab.py forward [REPS]    # undefended forward, batch 512: s per image
 
 ``pass``: a ResNet-20 forward + backward to the input at batch 256, interleaved: autograd
 ("plain"), the lean path with masks only ("mask", ``relu_float_bytes=0``), the lean path with every
@@ -115,7 +116,22 @@ def ab_purifier(reps: int, k: int = 10, v: int = 2, b: int = 256) -> None:
         print(line)
 
 
+def undefended_forward(reps: int) -> None:
+    """The classifier's no-grad forward at batch 512: the cost of an undefended image."""
+    model = _frozen(build("resnet20"))
+    x = _images(512)
+    ts = []
+    with torch.no_grad():
+        for i in range(reps + 3):  # 3 warm-up calls
+            t = time.perf_counter()
+            model(x)
+            if i >= 3:
+                ts.append(time.perf_counter() - t)
+    best, med = min(ts) / 512, statistics.median(ts) / 512
+    print(f"undefended forward, batch 512, no grad: best {best:.5f} s/img, median {med:.5f}")
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "purifier"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 6
-    {"pass": ab_pass, "purifier": ab_purifier}[what](n)
+    {"pass": ab_pass, "purifier": ab_purifier, "forward": undefended_forward}[what](n)
