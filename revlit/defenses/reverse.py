@@ -101,8 +101,8 @@ class ReversePurifier:
             gradient is bitwise the one of the default path (same ATen kernels), so the
             repaired images are identical.
         relu_float_mb: with ``lean``, a step keeps its first ReLU outputs, up to this many MiB,
-            as floats (autograd's own ReLU) and masks only beyond: a mask costs ~6 % of a
-            ResNet-20 forward to make (measured), a float output 4x its memory. Default 384:
+            as floats (autograd's own ReLU) and masks only beyond: making masks costs 5–16 %
+            of a ResNet-20 forward (paired A/Bs), a float output 4x a mask's memory. Default 384:
             ResNet-20 at 2 views × 256 images (368 MiB of ReLU outputs) runs on floats only,
             the authors' 4 × 512 (1.4 GiB) on masks past the first 384 MiB (peak 1.8 GB with
             512, measured, against the 2 GB target). 0: masks only. The gradient is the same
