@@ -61,7 +61,7 @@ def views(reps: int) -> None:
     for n_views, n in ((4, 512), (2, 256)):
         x = _images(n, 1)
 
-        def step(seed: int) -> None:
+        def step(seed: int, x=x, n_views=n_views) -> None:  # this iteration's images and views
             xr = x.detach().requires_grad_(True)
             v = views(xr, n_views, torch.Generator().manual_seed(seed))
             v = v.contiguous(memory_format=torch.channels_last)
