@@ -35,6 +35,8 @@ from revlit.ssl.head import ssl_loss
 from revlit.utils import as_float
 
 SELECT = ("last", "best")
+#: default MiB of float ReLU outputs a lean step keeps before it makes masks (see ``relu_float_mb``)
+RELU_FLOAT_MB = 384.0
 
 
 @contextlib.contextmanager
@@ -131,7 +133,7 @@ class ReversePurifier:
         fold_bn: bool = False,
         recompute: bool = False,
         lean: bool = True,
-        relu_float_mb: float = 384.0,
+        relu_float_mb: float = RELU_FLOAT_MB,
     ) -> None:
         self.classifier, self.head, self.loss, self.views = classifier, head, loss, views
         self.fold_bn, self.recompute, self.lean = bool(fold_bn), bool(recompute), bool(lean)

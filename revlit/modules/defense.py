@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from revlit.defenses import RandomNoise, ReversePurifier, check_images
+from revlit.defenses.reverse import RELU_FLOAT_MB
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import load_classifier
 from revlit.ssl.head import load_head
@@ -143,7 +144,7 @@ class DefenseModule(pl.LightningModule):
         fold_bn: bool = False,
         recompute: bool = False,
         lean: bool = True,
-        relu_float_mb: float = 384.0,
+        relu_float_mb: float = RELU_FLOAT_MB,
         seed: int = 0,
         allow_mismatch: bool = False,
         viz_images: int = 8,
