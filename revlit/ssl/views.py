@@ -13,8 +13,8 @@ per view, shared by every image of the batch (``mode="shared"``). ``mode="per_sa
 independent parameters for every image (the usual SimCLR data-loader behaviour). Both are
 implemented here on batches without a per-image python loop:
 
-* crop + resize + flip: one affine sampling grid per output image (``F.affine_grid`` +
-  ``F.grid_sample``, bilinear, ``align_corners=False``, border padding). For the integer crop boxes
+* crop + resize + flip: one affine sampling grid per output image (:func:`crop_grid`, the grid
+  of ``F.affine_grid`` without its GEMM, + ``F.grid_sample``, bilinear, ``align_corners=False``, border padding). For the integer crop boxes
   of torchvision's ``RandomResizedCrop`` this equals ``F.interpolate(crop, size, mode="bilinear",
   align_corners=False)`` (torchvision 0.8's tensor resize, no antialiasing) everywhere except the
   outermost ring of output pixels when upsampling: there the sampling point falls up to half a pixel
@@ -75,6 +75,29 @@ def clamp01(x: torch.Tensor) -> torch.Tensor:
     They differ only on NaN inputs, which images never hold (tests check the bits).
     """
     return F.hardtanh(x, 0.0, 1.0)
+
+
+def crop_grid(
+    sx: torch.Tensor, tx: torch.Tensor, sy: torch.Tensor, ty: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``F.affine_grid`` of the axis-aligned maps ``(sx·u + tx, sy·v + ty)``, without its GEMM.
+
+    Args:
+        sx, tx, sy, ty: (M,) scale and shift of each output image's x and y (normalised [-1, 1]
+            coordinates; a negative ``sx`` flips).
+        size: output side S.
+
+    Returns:
+        (M, S, S, 2) sampling grid for ``F.grid_sample(..., align_corners=False)``: the one
+        ``F.affine_grid([[sx, 0, tx], [0, sy, ty]], align_corners=False)`` gives, to float
+        rounding (its batched GEMM with an inner dimension of 3 cost ~6 ms per 1,024 views on 2
+        CPU threads, this ~0.4).
+    """
+    base = (torch.arange(size, device=sx.device, dtype=sx.dtype) * 2 + 1) / size - 1
+    gx = sx[:, None] * base + tx[:, None]  # (M, S): x depends on the column only
+    gy = sy[:, None] * base + ty[:, None]  # (M, S): y on the row only
+    gx, gy = torch.broadcast_tensors(gx[:, None, :], gy[:, :, None])
+    return torch.stack((gx, gy), dim=-1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -433,17 +456,12 @@ class SimCLRViews(nn.Module):
 
     # ------------------------------------------------------------------ ops
     def _crop_flip(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        m, c, h, w = x.shape
+        h, w = x.shape[-2:]
         boxes = p["boxes"].to(device=x.device, dtype=x.dtype)
         top, left, bh, bw = boxes.unbind(1)
         sx = bw / w
         sx = torch.where(p["flip"].to(x.device), -sx, sx)
-        theta = torch.zeros(m, 2, 3, device=x.device, dtype=x.dtype)
-        theta[:, 0, 0] = sx
-        theta[:, 0, 2] = (2 * left + bw) / w - 1
-        theta[:, 1, 1] = bh / h
-        theta[:, 1, 2] = (2 * top + bh) / h - 1
-        grid = F.affine_grid(theta, [m, c, self.size, self.size], align_corners=False)
+        grid = crop_grid(sx, (2 * left + bw) / w - 1, bh / h, (2 * top + bh) / h - 1, self.size)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     @staticmethod

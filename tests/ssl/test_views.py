@@ -11,6 +11,7 @@ from revlit.ssl.views import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
+    crop_grid,
     hsv_to_rgb,
     rgb_to_hsv,
 )
@@ -96,6 +97,21 @@ def test_identity_settings_return_the_input():
     x = _images(3)
     views = SimCLRViews(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0)
     torch.testing.assert_close(views(x, 2, _gen(0)), torch.cat([x, x]), atol=1e-6, rtol=0)
+
+
+def test_crop_grid_is_affine_grid():
+    g = _gen(3)
+    m, size = 64, 24
+    sx = (torch.rand(m, generator=g) * 2 - 1).clamp_min(0.05) * torch.sign(torch.randn(m))
+    tx, sy, ty = (torch.rand(m, generator=g) * 2 - 1 for _ in range(3))
+    theta = torch.zeros(m, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    ref = F.affine_grid(theta, [m, 3, size, size], align_corners=False)
+    out = crop_grid(sx, tx, sy, ty, size)
+    assert out.shape == ref.shape == (m, size, size, 2)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    # x follows the column, y the row (a transposed grid would fail here)
+    assert not torch.allclose(out, ref.transpose(1, 2), atol=1e-3)
 
 
 def test_crop_matches_interpolate_inside_and_flip_mirrors():
