@@ -15,7 +15,9 @@ Usage::
                            [--no-reference] [--no-memory] [--ddp]
 
 Variants are interleaved across repetitions (timings on a shared machine drift between minutes);
-min and median over repetitions are reported. A bound repetition repeats its single pass until it
+min and median over repetitions are reported; every workload also runs between two windows of
+the bound at its best batch size, and its "bracketed" fraction compares it with the bound of the
+same minutes. A bound repetition repeats its single pass until it
 has done as much work (images × passes) as the smallest workload, so the bound and the workloads
 are averaged over windows of about the same length (the fastest single pass, the estimator before
 session 5, is kept in the record as ``bound_single_call_images_per_s``, with every row's fraction
@@ -63,6 +65,46 @@ def rss_bytes() -> int:
     """Current resident set size of this process (Linux ``/proc``), in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from ``/proc/stat`` (Linux), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(t) for t in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(t0: tuple[int, int] | None, t1: tuple[int, int] | None) -> float | None:
+    """Share of the CPUs' time between two :func:`cpu_ticks` the hypervisor gave to others."""
+    if t0 is None or t1 is None or t1[1] <= t0[1]:
+        return None
+    return (t1[0] - t0[0]) / (t1[1] - t0[1])
+
+
+def bracketed_fractions(
+    seconds: list[float], brackets: list[tuple[float, float]], work: int, bracket_work: int
+) -> list[float]:
+    """Per repetition: a workload's throughput over that of the bound windows run around it.
+
+    Args:
+        seconds: the workload's seconds per repetition.
+        brackets: per repetition, the seconds of the bound window run just before and just
+            after it (the same pass at the best batch size, ``bracket_work`` image-passes each).
+        work: image-passes of one repetition of the workload (images × K·V).
+
+    Returns:
+        ``(work / t) / (2·bracket_work / (t_before + t_after))`` per repetition: the fraction
+        of the bound, with the bound measured at the same minutes as the workload, so a drift
+        of the machine that is linear over the bracket cancels.
+    """
+    return [
+        (work / t) / (2 * bracket_work / (before + after))
+        for t, (before, after) in zip(seconds, brackets)
+    ]
 
 
 class PeakRSS:
@@ -133,6 +175,10 @@ class Variant:
         self.repeat = 1
         self.times: list[float] = []
         self.call_times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.steal: list[float | None] = []
+        #: per repetition: the seconds of the bracketing bound windows (before, after)
+        self.brackets: list[tuple[float, float]] = []
         self.peak_rss = 0
 
     def run_once(self) -> None:
@@ -140,6 +186,7 @@ class Variant:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        stat0, cpu0 = cpu_ticks(), time.process_time()
         with PeakRSS() as mem:
             total = 0.0
             for _ in range(self.repeat):
@@ -151,6 +198,8 @@ class Variant:
                 self.call_times.append(dt)
                 total += dt
             self.times.append(total)
+        self.cpu_times.append(time.process_time() - cpu0)
+        self.steal.append(steal_share(stat0, cpu_ticks()))
         self.peak_rss = max(self.peak_rss, mem.peak)
         if cuda:
             self.peak_gpu = max(getattr(self, "peak_gpu", 0), torch.cuda.max_memory_allocated())
@@ -171,6 +220,8 @@ class Variant:
             "peak_rss_mb": round(self.peak_rss / 2**20, 1),
             "reps": len(self.times),
             "seconds_per_rep": [round(t, 4) for t in self.times],
+            "cpu_seconds_per_rep": [round(t, 4) for t in self.cpu_times],
+            "steal_share_per_rep": [None if f is None else round(f, 4) for f in self.steal],
         } | ({"peak_gpu_mb": round(self.peak_gpu / 2**20, 1)} if hasattr(self, "peak_gpu") else {})
 
 
@@ -327,14 +378,30 @@ def run_bench(
     work = min(v.images * v.passes for v in purifiers + attacks)
     for v in bound:
         v.repeat = max(1, -(-work // v.images))
+    # Each workload runs between two windows of the bound at its best batch size (chosen from the
+    # first repetition's sweep), so every repetition also gets a fraction against a bound timed
+    # at the same minutes (the machine's speed drifts by 10-30 % between minutes).
+    bracket: Variant | None = None
+    plain = [v for v in bound if v.name.startswith("bound@")]
     for rep in range(reps):
-        for v in variants:
+        for v in bound:
+            v.run_once()
+        if bracket is None:
+            top = max(plain, key=lambda v: v.images * v.repeat / v.times[0])
+            bracket = Variant(f"bound bracket@{top.images}", top.fn, top.images, 1)
+            bracket.repeat = top.repeat
+            bracket.run_once()
+        for v in purifiers + attacks:
             if rep == 0 or not v.name.startswith("reference"):
                 v.run_once()  # the slow reference loop runs once (its "before" figure)
+                bracket.run_once()
+                v.brackets.append((bracket.times[-2], bracket.times[-1]))
+    variants = bound + [bracket] + purifiers + attacks
     rows = [v.summary() for v in variants]
+    bracket_work = bracket.images * bracket.repeat
     for r in rows:
         r["peak_rss_mb_in_process"] = r.pop("peak_rss_mb")
-        if memory and not r["name"].startswith("reference"):
+        if memory and not r["name"].startswith(("reference", "bound bracket")):
             r["peak_rss_mb"], r["baseline_rss_mb"] = child_peak_rss_mb(
                 model_name, r["name"], list(batches), list(purifier_settings), pgd_batch,
                 with_baseline=True,
@@ -372,6 +439,12 @@ def run_bench(
             for t, b in zip(r["seconds_per_rep"], bound_per_rep)
         ]
         r["fraction_of_bound_paired_median"] = round(statistics.median(paired), 3)
+        v = next(v for v in variants if v.name == r["name"])
+        bracketed = bracketed_fractions(
+            v.times, v.brackets, r["images"] * r["passes_per_image"], bracket_work
+        )
+        r["fraction_of_bound_bracketed_per_rep"] = [round(f, 3) for f in bracketed]
+        r["fraction_of_bound_bracketed_median"] = round(statistics.median(bracketed), 3)
         single = single_bound / r["passes_per_image"]
         r["fraction_of_single_call_bound"] = round(r["images_per_s_max"] / single, 3)
         plain = best_bound["images_per_s_max"] / r["passes_per_image"]
@@ -404,6 +477,7 @@ def run_bench(
         "bound_images_per_s": best_bound["images_per_s_max"],
         "bound_batch": best_bound["images"],
         "bound_window_image_passes": work,
+        "bracket": bracket.name,
         "bound_single_call_images_per_s": single_bound,
         "bound_folded_images_per_s": best_folded["images_per_s_max"] if best_folded else None,
         "bound_lean_images_per_s": best_lean["images_per_s_max"] if best_lean else None,
@@ -525,8 +599,8 @@ def format_table(rec: dict) -> str:
         f"bench: {rec['model']} · {rec['processor']} · torch {rec['torch']} · {rec['threads']} threads · "
         f"{rec['date']} · commit {rec['commit']}",
         "",
-        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median / paired median) | of the plain bound | of the lean bound | peak memory (MB) | before the variant (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | passes/img | img/s (best) | img/s (median) | bound÷passes | fraction of bound (best / median / paired median) | bracketed: median (per rep) | of the plain bound | of the lean bound | peak memory (MB) | before the variant (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rec["rows"]:
         frac = (
@@ -539,18 +613,25 @@ def format_table(rec: dict) -> str:
             if "fraction_of_bound" in r
             else ""
         )
+        brk = (
+            f"{r['fraction_of_bound_bracketed_median']:.3f} ("
+            + ", ".join(f"{f:.3f}" for f in r["fraction_of_bound_bracketed_per_rep"])
+            + ")"
+            if "fraction_of_bound_bracketed_median" in r
+            else ""
+        )
         mem = r.get("peak_gpu_mb", r.get("peak_rss_mb", r.get("peak_rss_mb_in_process")))
         lines.append(
             f"| {r['name']} | {r['passes_per_image']} | {r['images_per_s_max']:.1f} | "
             f"{r['images_per_s_median']:.1f} | {r.get('bound_images_per_s', '')} | "
-            f"{frac} | {r.get('fraction_of_plain_bound', '')} | "
+            f"{frac} | {brk} | {r.get('fraction_of_plain_bound', '')} | "
             f"{r.get('fraction_of_lean_bound', '')} | {mem:.0f} | {r.get('baseline_rss_mb', '')} |"
         )
     lines.append("")
     lines.append(
         "bound = the best bound@B (forward + backward to the input, frozen parameters, "
         "channels_last); paired median = the median over repetitions of the variant's img/s "
-        "against the best bound@B window of the same repetition; fold_bn rows are measured against the folded backbone's own best bound "
+        "against the best bound@B window of the same repetition; bracketed = each repetition of the variant against the mean of the two windows of the bound at its best batch (the 'bound bracket' row) run just before and just after it, then the median (bracketing cancels the machine's drift between minutes, and no best-of-many bound window is picked); fold_bn rows are measured against the folded backbone's own best bound "
         "(bound folded@B) and, in the next column, against the plain one; lean purifier rows "
         "(no option: the default) are measured against the plain bound, and also against the "
         "lean backbone's own (bound lean@B); 'plain' rows are the default path before the lean "
@@ -572,6 +653,17 @@ def format_table(rec: dict) -> str:
             "windows of about the same length; the fastest single pass, the estimator of "
             f"earlier runs, gives {rec['bound_single_call_images_per_s']:.1f} img/s, and "
             f"against it: {fr}."
+        )
+    steal = [
+        (r["name"], max(f for f in r["steal_share_per_rep"] if f is not None))
+        for r in rec["rows"]
+        if any(f is not None for f in r.get("steal_share_per_rep", []))
+    ]
+    if steal:
+        worst = max(steal, key=lambda t: t[1])
+        lines.append(
+            "CPU time stolen by the hypervisor (/proc/stat), largest share over the repetitions "
+            f"of any row: {worst[1]:.1%} ({worst[0]}); per row and repetition in the JSON."
         )
     env = rec.get("malloc_env") or {}
     lines.append(f"allocator environment: {env}")

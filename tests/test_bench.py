@@ -15,7 +15,7 @@ def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
     names = [r["name"] for r in rec["rows"]]
     assert names == [
         "bound@8", "bound@16", "bound lean@8", "bound lean@16", "bound folded@8",
-        "bound folded@16", "reference K=2 V=2 B=8", "purifier K=2 V=2 B=8 plain",
+        "bound folded@16", rec["bracket"], "reference K=2 V=2 B=8", "purifier K=2 V=2 B=8 plain",
         "purifier K=2 V=2 B=8 masks", "purifier K=2 V=2 B=8",
         "purifier K=2 V=2 B=8 fold_bn+recompute", "PGD-10 Linf B=8",
     ]  # fmt: skip
@@ -63,10 +63,47 @@ def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
     assert pgd_row["fraction_of_bound_paired_median"] == pytest.approx(
         pgd_tput / (best_in_rep / 10), abs=2e-3
     )
+    # bracketed: each workload against the two windows of the best bound batch around it
+    assert rec["bracket"] in ("bound bracket@8", "bound bracket@16")
+    brk = rows[rec["bracket"]]
+    workloads = [n for n in names if not n.startswith("bound")]
+    assert brk["reps"] == len(workloads) + 1  # one window before the first, one after each
+    assert brk["calls_per_rep"] == rows[rec["bracket"].replace(" bracket", "")]["calls_per_rep"]
+    t = brk["seconds_per_rep"]
+    work = brk["images"] * brk["calls_per_rep"]
+    for i, name in enumerate(workloads):
+        r = rows[name]
+        expect = (r["images"] * r["passes_per_image"] / r["seconds_per_rep"][0]) / (
+            2 * work / (t[i] + t[i + 1])
+        )
+        assert r["fraction_of_bound_bracketed_per_rep"] == [pytest.approx(expect, abs=2e-3)]
+        assert r["fraction_of_bound_bracketed_median"] == pytest.approx(expect, abs=2e-3)
+        assert len(r["cpu_seconds_per_rep"]) == len(r["steal_share_per_rep"]) == 1
     for key in ("date", "commit", "torch", "threads", "processor", "malloc_env"):
         assert key in rec
     assert "fraction of bound" in (tmp_path / "bench.md").read_text()
     assert "purifier K=2" in capsys.readouterr().out
+
+
+def test_bracketed_fractions_cancel_a_linear_drift():
+    # a machine slowing down linearly: the bound window before takes 1 s, the one after 3 s,
+    # the workload between them (same speed as the bound, twice the work) 4 s
+    assert bench.bracketed_fractions([4.0], [(1.0, 3.0)], work=20, bracket_work=10) == [
+        pytest.approx(1.0)
+    ]
+    # against the faster window alone it would read 0.5, against the slower 1.5
+    assert bench.bracketed_fractions([2.0, 8.0], [(1.0, 1.0), (2.0, 2.0)], 10, 10) == [
+        pytest.approx(0.5),
+        pytest.approx(0.25),
+    ]
+
+
+def test_steal_share_from_proc_stat_ticks():
+    assert bench.steal_share((10, 100), (30, 300)) == pytest.approx(0.1)
+    assert bench.steal_share(None, (1, 2)) is None
+    assert bench.steal_share((5, 100), (5, 100)) is None
+    ticks = bench.cpu_ticks()
+    assert ticks is None or 0 <= ticks[0] <= ticks[1]
 
 
 def test_child_peak_rss_is_the_childs_own_not_the_parents():
