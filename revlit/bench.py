@@ -214,22 +214,34 @@ class Variant:
     def summary(self) -> dict:
         best, med = min(self.times), statistics.median(self.times)
         images = self.images * self.repeat  # per repetition
-        return {
-            "name": self.name,
-            "images": self.images,
-            "calls_per_rep": self.repeat,
-            "images_per_s_single_call_max": round(self.images / min(self.call_times), 2),
-            "passes_per_image": self.passes,
-            "seconds_min": round(best, 4),
-            "seconds_median": round(med, 4),
-            "images_per_s_max": round(images / best, 2),
-            "images_per_s_median": round(images / med, 2),
-            "peak_rss_mb": round(self.peak_rss / 2**20, 1),
-            "reps": len(self.times),
-            "seconds_per_rep": [round(t, 4) for t in self.times],
-            "cpu_seconds_per_rep": [round(t, 4) for t in self.cpu_times],
-            "steal_share_per_rep": [None if f is None else round(f, 4) for f in self.steal],
-        } | ({"peak_gpu_mb": round(self.peak_gpu / 2**20, 1)} if hasattr(self, "peak_gpu") else {})
+        return (
+            {
+                "name": self.name,
+                "images": self.images,
+                "calls_per_rep": self.repeat,
+                "images_per_s_single_call_max": round(self.images / min(self.call_times), 2),
+                "passes_per_image": self.passes,
+                "seconds_min": round(best, 4),
+                "seconds_median": round(med, 4),
+                "images_per_s_max": round(images / best, 2),
+                "images_per_s_median": round(images / med, 2),
+                "peak_rss_mb": round(self.peak_rss / 2**20, 1),
+                "reps": len(self.times),
+                "seconds_per_rep": [round(t, 4) for t in self.times],
+                "cpu_seconds_per_rep": [round(t, 4) for t in self.cpu_times],
+                "steal_share_per_rep": [None if f is None else round(f, 4) for f in self.steal],
+            }
+            | (
+                {"bracket_seconds_per_rep": [[round(a, 4), round(b, 4)] for a, b in self.brackets]}
+                if self.brackets
+                else {}
+            )
+            | (
+                {"peak_gpu_mb": round(self.peak_gpu / 2**20, 1)}
+                if hasattr(self, "peak_gpu")
+                else {}
+            )
+        )
 
 
 #: the purifier settings of the bench: (K, V, B, options); options is "" (the default path: lean
@@ -446,10 +458,10 @@ def run_bench(
             for t, b in zip(r["seconds_per_rep"], bound_per_rep)
         ]
         r["fraction_of_bound_paired_median"] = round(statistics.median(paired), 3)
-        v = next(v for v in variants if v.name == r["name"])
         bracketed = bracketed_fractions(
-            v.times, v.brackets, r["images"] * r["passes_per_image"], bracket_work
-        )
+            r["seconds_per_rep"], r["bracket_seconds_per_rep"],
+            r["images"] * r["passes_per_image"], bracket_work,
+        )  # fmt: skip
         r["fraction_of_bound_bracketed_per_rep"] = [round(f, 3) for f in bracketed]
         r["fraction_of_bound_bracketed_median"] = round(statistics.median(bracketed), 3)
         single = single_bound / r["passes_per_image"]

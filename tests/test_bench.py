@@ -91,7 +91,7 @@ def test_bracketed_fractions_cancel_a_linear_drift():
     assert bench.bracketed_fractions([4.0], [(1.0, 3.0)], work=20, bracket_work=10) == [
         pytest.approx(1.0)
     ]
-    # against the faster window alone it would read 0.5, against the slower 1.5
+    # a steady machine: the workload at half, then a quarter, of the bound's speed
     assert bench.bracketed_fractions([2.0, 8.0], [(1.0, 1.0), (2.0, 2.0)], 10, 10) == [
         pytest.approx(0.5),
         pytest.approx(0.25),
