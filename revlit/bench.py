@@ -558,12 +558,40 @@ def vm_hwm_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def ddp_problem() -> str | None:
+    """Why the DDP comparison cannot run from here, in one line, or None if it can.
+
+    It needs the CIFAR-10 test set where ``python -m revlit.evaluate`` looks for it
+    (``$REVLIT_DATA_DIR``, else ``data/``; the Makefile sets it) and the shipped checkpoints.
+    ``main`` asks before the timing starts, so a missing file costs seconds, not a whole bench.
+    """
+    from revlit.data.cifar import default_data_dir, find_batches
+
+    data = default_data_dir()
+    if find_batches(data) is None:
+        return (
+            f"--ddp needs CIFAR-10 in '{Path(data).resolve()}' ($REVLIT_DATA_DIR, else data/; "
+            "`make bench` sets it)"
+        )
+    for path in ("checkpoints/resnet20_at.pt", "checkpoints/resnet20_at_head.pt"):
+        if not Path(path).is_file():
+            return f"--ddp needs the shipped checkpoint {path} (run from the repository root)"
+    return None
+
+
+def _child_error(e: subprocess.CalledProcessError) -> str:
+    lines = [ln for ln in (e.stderr or "").splitlines() if ln.strip()]
+    return f"exit {e.returncode}: {lines[-1].strip() if lines else 'no message'}"
+
+
 def ddp_predict(n: int = 128, batch: int = 64) -> dict:
     """Defended predict (``python -m revlit.evaluate``, shipped models) with 1 vs 2 DDP processes.
 
     Each run purifies the first ``n`` clean test images at the authors' setting (40 steps × 4
     views) with per-process batches of ``batch``; images/s come from the run's own record (images
     over the predict loop's wall time) and the process wall time (start-up and spawn included).
+    If a run fails, the result holds ``error`` (the run's exit status and last stderr line)
+    instead of raising: the caller keeps the rows it has already timed.
     """
     out: dict = {"n": n, "batch_per_process": batch, "steps": 40, "views": 4}
     for devices, strategy in ((1, "auto"), (2, "ddp")):
@@ -574,7 +602,11 @@ def ddp_predict(n: int = 128, batch: int = 64) -> dict:
                 "--devices", str(devices), "--strategy", strategy,
             ]  # fmt: skip
             t0 = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            try:
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as e:
+                out["error"] = f"{devices} process(es), {strategy}: {_child_error(e)}"
+                return out
             wall = time.perf_counter() - t0
             recs = [json.loads(line) for line in open(Path(tmp) / "records.jsonl")]
             rec = next(r for r in recs if r["defense"]["method"] == "reverse")
@@ -687,7 +719,9 @@ def format_table(rec: dict) -> str:
     env = rec.get("malloc_env") or {}
     lines.append(f"allocator environment: {env}")
     ddp = rec.get("ddp")
-    if ddp:
+    if ddp and ddp.get("error"):
+        lines += ["", f"defended predict, 1 vs 2 DDP processes: FAILED ({ddp['error']})."]
+    elif ddp:
         p1, p2 = ddp["processes_1"], ddp["processes_2"]
         lines += [
             "",
@@ -732,6 +766,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--device must be cpu or cuda, got '{args.device}'")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is visible to torch here")
+    if args.ddp and (why := ddp_problem()):
+        p.error(why)
     common = dict(
         reference=not args.no_reference, memory=not args.no_memory, ddp=args.ddp, ddp_n=args.ddp_n,
         device=args.device,
@@ -751,6 +787,10 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    if (rec.get("ddp") or {}).get("error"):
+        print(f"python -m revlit.bench: error: the DDP comparison failed: {rec['ddp']['error']}",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(1)
 
 
 if __name__ == "__main__":

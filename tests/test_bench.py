@@ -142,3 +142,45 @@ def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
     assert e.value.code == 2
+
+
+def test_ddp_without_cifar_is_refused_before_any_timing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REVLIT_DATA_DIR", str(tmp_path))  # empty: no CIFAR-10 here
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("timing started"))
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--ddp", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--ddp needs CIFAR-10" in err and str(tmp_path) in err
+    assert not out.exists()
+
+
+def test_a_failed_ddp_run_keeps_the_timed_rows(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    def failing_run(cmd, **kw):
+        raise subprocess.CalledProcessError(2, cmd, "", "Traceback ...\nrevlit: error: no data\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", failing_run)
+    ddp = bench.ddp_predict(8, 4)
+    assert ddp["error"] == "1 process(es), auto: exit 2: revlit: error: no data"
+    rows = [{"name": "stands for the timed rows"}]
+    monkeypatch.setattr(bench, "ddp_problem", lambda: None)
+    monkeypatch.setattr(
+        bench, "run_bench", lambda *a, **k: {"model": "m", "processor": "p", "torch": "t",
+                                             "threads": 2, "date": "d", "commit": "c",
+                                             "malloc_env": {}, "rows": rows, "ddp": ddp},
+    )  # fmt: skip
+    table = bench.format_table
+    monkeypatch.setattr(bench, "format_table", lambda rec: table({**rec, "rows": []}))
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--ddp", "--out", str(out)])
+    assert e.value.code == 1
+    assert json.loads(out.read_text())["rows"] == rows  # written before the non-zero exit
+    assert (
+        "FAILED (1 process(es), auto: exit 2: revlit: error: no data)"
+        in out.with_suffix(".md").read_text()
+    )
+    assert "the DDP comparison failed" in capsys.readouterr().err
