@@ -561,19 +561,22 @@ def vm_hwm_mb() -> float:
 def ddp_problem() -> str | None:
     """Why the DDP comparison cannot run from here, in one line, or None if it can.
 
-    It needs the CIFAR-10 test set where ``python -m revlit.evaluate`` looks for it
-    (``$REVLIT_DATA_DIR``, else ``data/``; the Makefile sets it) and the shipped checkpoints.
-    ``main`` asks before the timing starts, so a missing file costs seconds, not a whole bench.
+    It needs what ``python -m revlit.evaluate`` will read with its default arguments: the
+    CIFAR-10 test set (``$REVLIT_DATA_DIR``, else ``data/``; the Makefile sets it) and the shipped
+    checkpoints. ``main`` asks before the timing starts, so a missing file costs seconds, not a
+    whole bench.
     """
     from revlit.data.cifar import default_data_dir, find_batches
+    from revlit.evaluate import build_parser
 
-    data = default_data_dir()
+    args = build_parser().parse_args([])  # the child's defaults, not a copy of them
+    data = args.data_dir or default_data_dir()
     if find_batches(data) is None:
         return (
             f"--ddp needs CIFAR-10 in '{Path(data).resolve()}' ($REVLIT_DATA_DIR, else data/; "
             "`make bench` sets it)"
         )
-    for path in ("checkpoints/resnet20_at.pt", "checkpoints/resnet20_at_head.pt"):
+    for path in (args.classifier, args.head):
         if not Path(path).is_file():
             return f"--ddp needs the shipped checkpoint {path} (run from the repository root)"
     return None
