@@ -27,6 +27,8 @@ from enum import Enum
 
 import torch
 
+from revlit.seeding import per_image_generators
+
 # Default fraction of the coordinates the sparse L1 step moves (see ``l1_step``). SLIDE's default
 # (cleverhans ``grad_sparsity=99``) is the top 1 %; it also beat 2, 5 and 10 % on revlit's ResNet-20.
 L1_TOPK_DEFAULT = 0.01
@@ -297,20 +299,8 @@ def draw_noise(
     return out.to(device=device, dtype=dtype or torch.float32)
 
 
-# per-example generator seed = seed * SEED_STRIDE + example index (CIFAR test indices < 2**24)
-SEED_STRIDE = 1 << 24
-
-
-def example_generators(seed: int, indices: torch.Tensor | Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per example, seeded with ``seed * 2**24 + index``.
-
-    Passing these as ``generator`` makes each example's random start depend on (seed, its index)
-    only: results do not depend on batching or on how DDP shards the test set.
-    """
-    ids = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    return [
-        torch.Generator().manual_seed((int(seed) * SEED_STRIDE + int(i)) % (1 << 63)) for i in ids
-    ]
+#: one CPU generator per example, seeded with ``seed * 2**24 + index`` (see revlit.seeding)
+example_generators = per_image_generators
 
 
 def random_init(

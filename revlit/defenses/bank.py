@@ -32,7 +32,6 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,29 +43,6 @@ from revlit.losses.bank import BankContrastiveLoss
 from revlit.models.checkpoint import CheckpointError, safe_load, sha256_file
 
 BANK_FORMAT = "revlit-ssl-bank/1"
-#: per-image generator seed = seed * SEED_STRIDE + test index (indices < 2**24)
-SEED_STRIDE = 1 << 24
-
-
-def image_seed(seed: int, index: int) -> int:
-    """The seed of one image's generator, from the run's seed and the image's test index."""
-    if int(index) < 0:
-        raise ValueError(f"image indices must be >= 0, got {index}")
-    return (int(seed) * SEED_STRIDE + int(index)) % (1 << 63)
-
-
-def per_image_generators(seed: int, indices: Sequence[int] | torch.Tensor) -> list[torch.Generator]:
-    """One CPU generator per image, seeded from ``(seed, index)``.
-
-    Passed as ``generator`` to :meth:`ReversePurifier.purify` (or to the views / ``random_init``),
-    image i's random start and views are drawn from generator i alone, so they do not depend on
-    the batch the image is in.
-    """
-    if isinstance(indices, torch.Tensor):
-        indices = indices.reshape(-1).tolist()
-    return [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in indices]
-
-
 @torch.no_grad()
 def compute_bank(
     classifier: nn.Module,

@@ -31,6 +31,7 @@ from revlit.defenses import RandomNoise, ReversePurifier, check_images
 from revlit.defenses.reverse import RELU_FLOAT_MB
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import load_classifier
+from revlit.seeding import DIAG_SALT, batch_seed
 from revlit.ssl.head import load_head
 from revlit.ssl.views import SimCLRViews
 from revlit.utils import as_float
@@ -42,15 +43,6 @@ INFERENCE_MODE_MSG = (
     "DefenseModule needs input gradients (the reverse attack), but the Trainer runs {stage} under "
     "torch.inference_mode: pass --trainer.inference_mode false (revlit's CLI default)"
 )
-# batch generator seed = seed * SEED_STRIDE + first test index of the batch (indices < 2**24)
-SEED_STRIDE = 1 << 24
-# the paired before/after SSL-loss measurement draws its views from seed ^ DIAG_SALT
-DIAG_SALT = 0x5EED5EED
-
-
-def batch_seed(seed: int, first_index: int) -> int:
-    """The seed of a batch's generator, from the run's seed and the batch's first test index."""
-    return (int(seed) * SEED_STRIDE + int(first_index)) % (1 << 63)
 
 
 def single_image_batches(n: int, batch_size: int, world_size: int = 1) -> list[int]:

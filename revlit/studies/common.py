@@ -34,22 +34,15 @@ from revlit.defenses.bank import (
     default_bank_path,
     head_view_mode,
     load_bank,
-    per_image_generators,
 )
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import load_classifier
+from revlit.seeding import batch_seed, per_image_generators
 from revlit.ssl.head import load_head
 from revlit.ssl.views import SimCLRViews
 
-#: batch generator seed = seed * SEED_STRIDE + first test index (as DefenseModule)
-SEED_STRIDE = 1 << 24
 NEGATIVES = ("batch", "bank")
 SPLIT_LABELS = {"clean": "clean", "l_inf": "Linf", "l_2": "L2", "l_1": "L1"}
-
-
-def batch_seed(seed: int, first_index: int) -> int:
-    """DefenseModule's batch seed: ``seed * 2**24 + first test index of the batch``."""
-    return (int(seed) * SEED_STRIDE + int(first_index)) % (1 << 63)
 
 
 # ------------------------------------------------------------------------------ parts

@@ -10,13 +10,12 @@ from revlit.defenses.bank import (
     bank_purifier,
     compute_bank,
     default_bank_path,
-    image_seed,
     load_bank,
-    per_image_generators,
     save_bank,
 )
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import CheckpointError
+from revlit.seeding import image_seed, per_image_generators
 from revlit.ssl import SimCLRViews, SSLHead
 from tests.helpers import tiny_classifier, tiny_images
 
