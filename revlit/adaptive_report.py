@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from revlit.io import atomic_path
+
 #: the rows of the issue's table, in order (the per-example worst case is added after them)
 ROWS = (
     "transfer_pgd",
@@ -256,10 +258,9 @@ def plot_sweep(points: Sequence[dict], path: str | Path, title: str = "") -> Pat
     n = points[0]["n"] if points else 0
     ax.set_title(title or f"BPDA+EOT vs. ε (n = {n})", fontsize=9)
     fig.tight_layout()
-    tmp = p.with_name(p.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(p)
     return p
 
 

@@ -32,6 +32,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from revlit.io import atomic_write_json, atomic_write_text
+
 RECORD_FORMAT = "revlit-result/1"
 
 #: top-level fields every record carries (values may be null only where noted in the docstring)
@@ -143,7 +145,7 @@ def make_record(
         ValueError: a field is missing or malformed (one line).
     """
     if commit is None:
-        from revlit.callbacks.export import git_commit
+        from revlit.io import git_commit
 
         commit = git_commit()
     rec = {
@@ -205,12 +207,7 @@ def validate_record(rec: dict) -> None:
 def save_record(rec: dict, path: str | os.PathLike) -> Path:
     """Validate and write one record as pretty JSON (atomic rename). Returns the path."""
     validate_record(rec)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
-    return p
+    return atomic_write_json(rec, path, sort_keys=True)
 
 
 def load_record(path: str | os.PathLike) -> dict:
@@ -225,12 +222,7 @@ def save_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
     recs = list(records)
     for r in recs:
         validate_record(r)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in recs), path)
 
 
 def _fmt(v, spec: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from revlit.attacks.norms import (
     lp_norm,
 )
 from revlit.attacks.pgd import pgd_attack
+from revlit.io import atomic_write_json
 from revlit.utils import as_float
 
 
@@ -141,8 +141,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from revlit.callbacks.export import git_commit
     from revlit.data.cifar import default_data_dir, load_cifar10
+    from revlit.io import git_commit
     from revlit.models.checkpoint import load_classifier
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "markdown": table,
     }
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_json(record, out)
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
 

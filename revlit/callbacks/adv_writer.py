@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from revlit.callbacks.export import git_commit
 from revlit.callbacks.writers import RankMergeWriter
 from revlit.data.stored import save_stored_set
+from revlit.io import git_commit
 
 log = logging.getLogger("revlit")
 

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 
 from revlit.callbacks.visualize import log_grid_tensorboard, perturbation_to_image, save_grid_png
+from revlit.io import atomic_path
 
 log = logging.getLogger("revlit")
 
@@ -53,13 +54,10 @@ def save_ssl_histogram(
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, p)
-    return p
+    return Path(path)
 
 
 def defense_rows(x: torch.Tensor, x_def: torch.Tensor) -> tuple[list[torch.Tensor], list[str]]:

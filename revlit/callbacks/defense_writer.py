@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from revlit.callbacks.writers import RankMergeWriter, atomic_save
+from revlit.callbacks.writers import RankMergeWriter
+from revlit.io import atomic_path, atomic_save
 from revlit.records import attack_from_meta, make_record, save_jsonl, save_record
 
 log = logging.getLogger("revlit")
@@ -45,17 +46,13 @@ CSV_COLUMNS = (
 def write_csv(merged: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """The per-example columns of ``merged`` that exist, as CSV (atomic rename)."""
     cols = [c for c in CSV_COLUMNS if c in merged]
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
     data = [merged[c].tolist() for c in cols]
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for row in zip(*data):
             w.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-    os.replace(tmp, p)
-    return p
+    return Path(path)
 
 
 def records_from_predictions(

@@ -4,33 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import time
 
 import pytorch_lightning as pl
 
+from revlit.io import git_commit
 from revlit.models.checkpoint import save_classifier
 
 log = logging.getLogger("revlit")
-
-
-def git_commit() -> str:
-    """The current git commit (short), or "unknown" outside a repository."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return (
-            out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class ExportClassifier(pl.Callback):

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from revlit.io import atomic_path
+
 log = logging.getLogger("revlit")
 
 
@@ -80,13 +82,10 @@ def save_grid_png(
             if r == 0 and col_titles is not None and c < len(col_titles):
                 ax.set_title(col_titles[c], fontsize=7)
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, p)
-    return p
+    return Path(path)
 
 
 def grid_tensor(rows: Sequence[torch.Tensor], pad: int = 2) -> torch.Tensor:

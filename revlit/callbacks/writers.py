@@ -10,12 +10,13 @@ the merged dict to :meth:`RankMergeWriter.finalize`. Assumes all ranks share a f
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+
+from revlit.io import atomic_save
 
 
 def concat_outputs(outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -46,15 +47,6 @@ def _flatten(predictions) -> list[dict]:
     if predictions and isinstance(predictions[0], list):
         return [o for dl in predictions for o in dl]
     return list(predictions or [])
-
-
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, p)
 
 
 class RankMergeWriter(BasePredictionWriter):

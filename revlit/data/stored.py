@@ -15,7 +15,6 @@ existing set is only replaced by a complete new one. Read with ``torch.load(weig
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from revlit.io import sha256_file
 
 STORED_FORMAT = "revlit-stored-set/1"
 TENSOR_FILES = ("images.pt", "labels.pt", "indices.pt")
@@ -48,14 +49,6 @@ class StoredSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_stored_set(
@@ -96,7 +89,7 @@ def save_stored_set(
         files = {}
         for name, t in tensors.items():
             torch.save(t, tmp / name)
-            files[name] = _sha256(tmp / name)
+            files[name] = sha256_file(tmp / name)
         meta["files_sha256"] = files
         try:
             text = json.dumps(meta, indent=2, sort_keys=True)
@@ -151,7 +144,7 @@ def load_stored_set(folder: str | os.PathLike, verify: bool = True) -> StoredSet
         raise StoredSetError(f"stored set {folder}: meta.json is not a {STORED_FORMAT} record")
     if verify:
         for name, sha in (meta.get("files_sha256") or {}).items():
-            if name in TENSOR_FILES and _sha256(folder / name) != sha:
+            if name in TENSOR_FILES and sha256_file(folder / name) != sha:
                 raise StoredSetError(
                     f"stored set {folder}: {name} does not match its sha256 in meta.json"
                 )

@@ -7,7 +7,6 @@ A revlit checkpoint is ``{"format": str, "arch": str, "arch_kwargs": dict, "stat
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from revlit.io import atomic_save, sha256_file
+
 CLASSIFIER_FORMAT = "revlit-classifier/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unsafe or of the wrong kind (message is one line)."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_load(path: str | os.PathLike) -> Any:
@@ -73,9 +65,7 @@ def save_classifier(
         "state_dict": state,
         "meta": dict(meta or {}),
     }
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, p)
+    atomic_save(obj, p)
     return sha256_file(p)
 
 

@@ -43,8 +43,9 @@ from revlit.attacks.adaptive import (
 from revlit.attacks.apgd import apgd_attack
 from revlit.attacks.norms import Norm, check_eps
 from revlit.attacks.pgd import pgd_attack, resolve_args
-from revlit.callbacks.writers import atomic_save, concat_outputs, merge_by_index
+from revlit.callbacks.writers import concat_outputs, merge_by_index
 from revlit.defenses import ReversePurifier, check_images
+from revlit.io import atomic_save
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import load_classifier
 from revlit.modules.attack import example_generators

@@ -251,7 +251,7 @@ class SSLHeadModule(pl.LightningModule):
             self._export(val, chance)
 
     def _export(self, val: float, chance: float) -> None:
-        from revlit.callbacks.export import git_commit
+        from revlit.io import git_commit
 
         dm = getattr(self.trainer, "datamodule", None)
         meta = {

@@ -17,14 +17,19 @@ classifier's sha256 unless ``allow_mismatch``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from revlit.models.checkpoint import CheckpointError, safe_load, sha256_file
+from revlit.io import atomic_save, sha256_file
+from revlit.losses.contrastive import ContrastiveLoss
+from revlit.models.checkpoint import CheckpointError, safe_load
 from revlit.models.lean import lean_input_grad
+from revlit.ssl.views import SimCLRViews
 
 HEAD_FORMAT = "revlit-ssl-head/1"
 
@@ -87,9 +92,7 @@ def save_head(
         "classifier_sha256": classifier_sha256,
         "meta": dict(meta or {}),
     }
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, p)
+    atomic_save(obj, p)
     return sha256_file(p)
 
 
@@ -139,6 +142,56 @@ def load_head(
         "meta": obj.get("meta", {}),
     }
     return head, info
+
+
+_LOSS_ARGS = inspect.signature(ContrastiveLoss).parameters
+#: what a head was trained with when its checkpoint does not record it: the defaults of
+#: :class:`revlit.losses.ContrastiveLoss` and :class:`revlit.ssl.SimCLRViews` (the authors' setting)
+HEAD_DEFAULTS = {
+    "loss": _LOSS_ARGS["name"].default,
+    "temperature": _LOSS_ARGS["temperature"].default,
+    "view_mode": inspect.signature(SimCLRViews).parameters["mode"].default,
+}
+
+
+def head_training(info: dict, defaults: bool = True) -> dict:
+    """Loss name, temperature and views mode a head was trained with, from its info's ``meta``.
+
+    The one reader of a head's training record: ``meta["loss"]`` (a name, or ``{"name",
+    "temperature"}``), ``meta["temperature"]`` (or ``loss_temperature``), ``meta["view_mode"]``
+    (or ``views_mode``, ``views["mode"]``, or a ``repr(SimCLRViews)`` string).
+
+    Args:
+        info: the info dict of :func:`load_head` (only ``meta`` is read).
+        defaults: fill what the record lacks from :data:`HEAD_DEFAULTS`; ``False`` returns only
+            the keys the record states (to compare a requested setting with the recorded one).
+
+    Returns:
+        ``{"loss": str, "temperature": float, "view_mode": "shared" | "per_sample"}`` (a subset
+        without ``defaults``).
+    """
+    meta = info.get("meta") or {}
+    out: dict = {}
+    loss = meta.get("loss")
+    if isinstance(loss, dict):
+        out["loss"], out["temperature"] = loss.get("name"), loss.get("temperature")
+    elif isinstance(loss, str):
+        out["loss"] = loss
+    for key in ("temperature", "loss_temperature"):
+        if out.get("temperature") is None and meta.get(key) is not None:
+            out["temperature"] = meta[key]
+    views = meta.get("views")
+    mode = meta.get("view_mode", meta.get("views_mode"))
+    if mode is None and isinstance(views, dict):
+        mode = views.get("mode")
+    if mode is None and isinstance(views, str):  # repr(SimCLRViews): "...mode=shared)"
+        found = re.search(r"mode=['\"]?(shared|per_sample)", views)
+        mode = found.group(1) if found else None
+    out["view_mode"] = mode
+    out = {k: v for k, v in out.items() if v is not None}
+    if "temperature" in out:
+        out["temperature"] = float(out["temperature"])
+    return {**HEAD_DEFAULTS, **out} if defaults else out
 
 
 def ssl_loss(
