@@ -19,8 +19,6 @@ with ``torch.autograd.grad``. Images run in channels_last.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +36,7 @@ from revlit.attacks.norms import (
     random_init,
     step,
 )
+from revlit.models.base import frozen_eval
 
 
 @dataclass
@@ -47,22 +46,6 @@ class AttackResult:
     x_adv: torch.Tensor
     loss: torch.Tensor
     pred: torch.Tensor
-
-
-@contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and ``requires_grad=False`` on every parameter; both restored on exit."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(was_training)
 
 
 def resolve_args(

@@ -4,11 +4,10 @@ Framework-free (no Lightning): plain classes usable from a notebook with any ``n
 """
 
 from revlit.defenses.noise import RandomNoise, check_images
-from revlit.defenses.reverse import ReversePurifier, frozen_eval
+from revlit.defenses.reverse import ReversePurifier
 
 __all__ = [
     "RandomNoise",
     "ReversePurifier",
     "check_images",
-    "frozen_eval",
 ]

@@ -38,11 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revlit.defenses.reverse import ReversePurifier, frozen_eval
-from revlit.losses.bank import BankContrastiveLoss
+from revlit.defenses.reverse import ReversePurifier
+from revlit.losses import make_loss
+from revlit.models.base import frozen_eval
 from revlit.models.checkpoint import CheckpointError, safe_load, sha256_file
+from revlit.ssl.head import HEAD_DEFAULTS
 
 BANK_FORMAT = "revlit-ssl-bank/1"
+
+
 @torch.no_grad()
 def compute_bank(
     classifier: nn.Module,
@@ -84,15 +88,6 @@ def compute_bank(
             xb = xb.contiguous(memory_format=torch.channels_last)
             out.append(F.normalize(head(classifier.features(xb)).float(), dim=1).cpu())
     return torch.cat(out)
-
-
-def head_view_mode(head_info: dict) -> str:
-    """The views mode a head was trained with, from its checkpoint's meta (default ``shared``)."""
-    meta = head_info.get("meta") or {}
-    mode = meta.get("view_mode") or meta.get("views_mode")
-    if mode in ("shared", "per_sample"):
-        return mode
-    return "per_sample" if "mode=per_sample" in str(meta.get("views", "")) else "shared"
 
 
 def default_bank_path(head_path: str | os.PathLike) -> Path:
@@ -188,8 +183,8 @@ def bank_purifier(
     head: nn.Module,
     bank: torch.Tensor,
     views: nn.Module,
-    loss: str = "nt_xent",
-    temperature: float = 0.2,
+    loss: str = HEAD_DEFAULTS["loss"],
+    temperature: float = HEAD_DEFAULTS["temperature"],
     **purifier_kwargs,
 ) -> ReversePurifier:
     """A :class:`ReversePurifier` whose negatives are ``bank`` instead of the batch.
@@ -205,9 +200,9 @@ def bank_purifier(
         temperature: its temperature.
         **purifier_kwargs: the other :class:`ReversePurifier` settings (eps, steps, n_views, ...).
     """
-    bank_loss = BankContrastiveLoss(bank, loss, temperature)
     dev = next(classifier.parameters()).device
-    return ReversePurifier(classifier, head, bank_loss.to(dev), views, **purifier_kwargs)
+    bank_loss = make_loss(loss, temperature, bank.to(dev))
+    return ReversePurifier(classifier, head, bank_loss, views, **purifier_kwargs)
 
 
 # ---------------------------------------------------------------------- command line
@@ -229,7 +224,7 @@ def build_bank_file(
     from revlit.callbacks.export import git_commit
     from revlit.data.cifar import default_data_dir, load_cifar10
     from revlit.models.checkpoint import load_classifier
-    from revlit.ssl.head import load_head
+    from revlit.ssl.head import head_training, load_head
     from revlit.ssl.views import SimCLRViews
 
     if m < 1:
@@ -240,7 +235,7 @@ def build_bank_file(
     if m > len(x_train):
         raise ValueError(f"bank size m={m} exceeds the {len(x_train)} training images")
     idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:m]
-    views = SimCLRViews(mode=head_view_mode(hinfo))
+    views = SimCLRViews(mode=head_training(hinfo)["view_mode"])
     t0 = time.perf_counter()
     emb = compute_bank(
         net.to(memory_format=torch.channels_last),

@@ -22,13 +22,14 @@ Everything here is framework-free; :class:`revlit.modules.defense.DefenseModule`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from revlit.attacks.norms import Norm, l2_step, linf_step, project, random_init
 from revlit.defenses.noise import check_images, parse_norm
+from revlit.models.base import frozen_eval
 from revlit.models.fold import fold_batchnorm
 from revlit.models.lean import MaskArena, lean_input_grad
 from revlit.ssl.head import ssl_loss
@@ -37,29 +38,6 @@ from revlit.utils import as_float
 SELECT = ("last", "best")
 #: default MiB of float ReLU outputs a lean step keeps before it makes masks (see ``relu_float_mb``)
 RELU_FLOAT_MB = 384.0
-
-
-@contextlib.contextmanager
-def frozen_eval(*modules: object) -> Iterator[None]:
-    """Put every given ``nn.Module`` in eval mode with frozen parameters; restore both afterwards.
-
-    Non-modules (plain functions) are ignored. Eval mode means BatchNorm uses (and never updates)
-    its running statistics; frozen parameters mean autograd builds no weight-gradient path.
-    """
-    mods = [m for m in modules if isinstance(m, nn.Module)]
-    modes = [(sub, sub.training) for m in mods for sub in m.modules()]
-    flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
-    try:
-        for m in mods:
-            m.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for sub, training in modes:
-            sub.training = training
-        for p, req in flags:
-            p.requires_grad_(req)
 
 
 class ReversePurifier:

@@ -7,7 +7,8 @@ without running the backbone twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -71,3 +72,28 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for images in [0, 1] of shape (N, 3, H, W)."""
         return self.logits_from_features(self.features(x))
+
+
+@contextlib.contextmanager
+def frozen_eval(*modules: object) -> Iterator[None]:
+    """Put every given ``nn.Module`` in eval mode with frozen parameters; restore both afterwards.
+
+    Non-modules (plain functions, ``None``) are ignored. Eval mode means BatchNorm uses (and never
+    updates) its running statistics; frozen parameters mean autograd builds no weight-gradient
+    path, so attacks and defenses take gradients w.r.t. the input only. Every submodule's own
+    training flag and every parameter's ``requires_grad`` are restored, also on error.
+    """
+    mods = [m for m in modules if isinstance(m, nn.Module)]
+    modes = [(sub, sub.training) for m in mods for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+    try:
+        for m in mods:
+            m.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for sub, training in modes:
+            sub.training = training
+        for p, req in flags:
+            p.requires_grad_(req)

@@ -32,13 +32,12 @@ from revlit.defenses import RandomNoise, ReversePurifier
 from revlit.defenses.bank import (
     bank_purifier,
     default_bank_path,
-    head_view_mode,
     load_bank,
 )
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import load_classifier
 from revlit.seeding import batch_seed, per_image_generators
-from revlit.ssl.head import load_head
+from revlit.ssl.head import head_training, load_head
 from revlit.ssl.views import SimCLRViews
 
 NEGATIVES = ("batch", "bank")
@@ -69,27 +68,16 @@ class Parts:
 
     def with_head(self, head: nn.Module, head_info: dict) -> Parts:
         """The same classifier with another head (its own loss/temperature/views, no bank)."""
-        loss, temperature = head_loss(head_info)
+        rec = head_training(head_info)
         return Parts(
             self.classifier,
             self.classifier_info,
             head.eval(),
             head_info,
-            loss,
-            temperature,
-            head_view_mode(head_info),
+            rec["loss"],
+            rec["temperature"],
+            rec["view_mode"],
         )
-
-
-def head_loss(head_info: dict) -> tuple[str, float]:
-    """(loss name, temperature) a head was trained with, from its meta; default (nt_xent, 0.2)."""
-    meta = head_info.get("meta") or {}
-    loss = meta.get("loss", "nt_xent")
-    temperature = meta.get("temperature")
-    if isinstance(loss, dict):
-        temperature = loss.get("temperature", temperature)
-        loss = loss.get("name", "nt_xent")
-    return str(loss), float(temperature if temperature is not None else 0.2)
 
 
 def load_parts(

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from revlit.attacks.norms import Norm
-from revlit.defenses import ReversePurifier, frozen_eval
+from revlit.defenses import ReversePurifier
 from revlit.losses import ContrastiveLoss
-from revlit.models.base import Classifier
+from revlit.models.base import Classifier, frozen_eval
 from revlit.ssl import SimCLRViews, SSLHead
 from tests.helpers import tiny_images
 
