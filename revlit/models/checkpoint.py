@@ -69,15 +69,22 @@ def save_classifier(
     return sha256_file(p)
 
 
-def load_classifier(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Load a revlit classifier checkpoint.
+def load_classifier(path: str | os.PathLike | dict) -> tuple[nn.Module, dict]:
+    """Load a classifier: a revlit checkpoint, or a user module / RobustBench model spec.
+
+    ``path`` is a revlit checkpoint file, or a spec of :func:`revlit.models.external.load_external`
+    (``{"class_path": ..., "init_args": ..., "weights": ...}``, ``"pkg.mod.Net:weights.pt"``,
+    ``"robustbench:<name>[:Linf|L2]"``).
 
     Returns:
         ``(model, info)`` where the model is in eval mode and ``info`` holds ``arch``,
-        ``arch_kwargs``, ``meta``, ``path`` and ``sha256``.
+        ``arch_kwargs``, ``meta``, ``path`` and ``sha256`` (of the weights file).
     """
+    from revlit.models.external import is_external_spec, load_external
     from revlit.models.registry import build
 
+    if is_external_spec(path):
+        return load_external(path)
     obj = safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(
