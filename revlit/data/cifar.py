@@ -61,14 +61,92 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
+class DatasetInvalid(ValueError):
+    """A CIFAR-10 file is not what CIFAR-10 holds (message is one line); nothing in it ran."""
+
+
+def _dtype(obj, align=False, copy=True):
+    # numpy pickles an array's dtype as numpy.dtype("u1", False, True) + BUILD; CIFAR-10 holds
+    # only uint8 pixels (Python 2's pickles give the code as bytes)
+    if obj not in ("u1", b"u1"):
+        raise pickle.UnpicklingError(f"dtype {obj!r} (CIFAR-10 pixels are uint8)")
+    return np.dtype("u1", align, copy)
+
+
+def _reconstruct(subtype, shape, dtype_code):
+    # numpy.core.multiarray._reconstruct(ndarray, (0,), b"b"): an empty ndarray that BUILD fills
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("only plain numpy arrays")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+def _frombuffer(buf, dtype, shape, order):
+    # protocol-5 pickles of numpy arrays: numpy._core.numeric._frombuffer(bytes, dtype, ...)
+    if not isinstance(dtype, np.dtype) or dtype != np.uint8 or order not in ("C", "F"):
+        raise pickle.UnpicklingError("only uint8 arrays")
+    return np.frombuffer(buf, dtype).reshape(shape, order=order)
+
+
+def _latin1(text, encoding):
+    # Python 3's protocol-2 pickles write bytes as _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError("only latin1-encoded bytes")
+    return text.encode("latin1")
+
+
+#: the only globals a CIFAR-10 batch file may name, each mapped to a checking stand-in
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, bytes, numbers and uint8 numpy arrays; refuses any other
+    global, so a crafted file cannot name a function to run."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}") from None
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    """One batch file: ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``, checked.
+
+    Raises:
+        DatasetInvalid: the file names any code, or is not a dict with ``data`` uint8 (N, 3072)
+            and ``labels`` N integers in 0..9 (N = 10,000 in the real files).
+    """
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DatasetInvalid(f"{path} is not a CIFAR-10 batch file ({first})") from None
+    if not isinstance(d, dict):
+        raise DatasetInvalid(f"{path} is not a CIFAR-10 batch (expected a dict)")
     data = d.get(b"data", d.get("data"))
     labels = d.get(b"labels", d.get("labels"))
     if data is None or labels is None:
-        raise DatasetNotFound(f"{path} is not a CIFAR-10 batch (no data/labels keys)")
-    return np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, np.int64)
+        raise DatasetInvalid(f"{path} is not a CIFAR-10 batch (no data/labels keys)")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DatasetInvalid(f"{path}: data must be a uint8 (N, 3072) array")
+    if data.shape[1] != 3 * 32 * 32 or data.shape[0] < 1:
+        raise DatasetInvalid(f"{path}: data is {data.shape}, expected (N, 3072)")
+    if not isinstance(labels, list) or not all(
+        type(v) is int and 0 <= v < len(CLASSES) for v in labels
+    ):
+        raise DatasetInvalid(f"{path}: labels must be a list of integers in 0..9")
+    if len(labels) != len(data):
+        raise DatasetInvalid(f"{path}: {len(labels)} labels for {len(data)} images")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, np.int64)
 
 
 def load_cifar10(
@@ -84,6 +162,7 @@ def load_cifar10(
 
     Raises:
         DatasetNotFound: one line naming the folder and the two ways to fix it.
+        DatasetInvalid: a file is not a CIFAR-10 batch (one line); nothing in it is executed.
     """
     folder = find_batches(data_dir)
     if folder is None and download:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from revlit.data.cifar import BATCH_DIR, DatasetNotFound, find_batches, load_cifar10
+from revlit.data.cifar import (
+    BATCH_DIR,
+    DatasetInvalid,
+    DatasetNotFound,
+    find_batches,
+    load_cifar10,
+)
 from tests.helpers import tiny_images, write_tiny_cifar
 
 
@@ -63,5 +70,67 @@ def test_pickle_without_data_keys_is_refused(tmp_path):
     root = write_tiny_cifar(tmp_path / "c", n_train=10, n_test=5)
     with open(root / BATCH_DIR / "test_batch", "wb") as f:
         pickle.dump({b"images": np.zeros((5, 3072), np.uint8)}, f)
-    with pytest.raises(DatasetNotFound, match="no data/labels"):
+    with pytest.raises(DatasetInvalid, match="no data/labels"):
         load_cifar10(root, train=False)
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: the reader must refuse it without calling it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_batch_file_that_runs_code_is_refused_and_nothing_runs(tmp_path, protocol):
+    root = write_tiny_cifar(tmp_path / "c", n_train=10, n_test=5)
+    marker = tmp_path / "ran"
+    crafted = {b"data": np.zeros((5, 3072), np.uint8), b"labels": [0] * 5, b"x": _RunsCode(marker)}
+    (root / BATCH_DIR / "test_batch").write_bytes(pickle.dumps(crafted, protocol=protocol))
+    with pytest.raises(DatasetInvalid, match="refusing global (posix|os)"):
+        load_cifar10(root, train=False)
+    assert not marker.exists()
+    # the same file through an unrestricted unpickler does run the command (the test can fail)
+    pickle.loads((root / BATCH_DIR / "test_batch").read_bytes())
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "batch, match",
+    [
+        ({b"data": np.zeros((5, 3072), np.int64), b"labels": [0] * 5}, "dtype|uint8"),
+        ({b"data": np.zeros((5, 3071), np.uint8), b"labels": [0] * 5}, r"\(N, 3072\)"),
+        ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2, 3, 10]}, "0..9"),
+        ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2, 3, -1]}, "0..9"),
+        ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0] * 4}, "4 labels for 5"),
+        ({b"data": np.zeros((5, 3072), object), b"labels": [0] * 5}, "dtype|uint8"),
+        ([np.zeros((5, 3072), np.uint8)], "expected a dict"),
+    ],
+)
+def test_malformed_batch_is_refused_in_one_line(tmp_path, batch, match):
+    root = write_tiny_cifar(tmp_path / "c", n_train=10, n_test=5)
+    (root / BATCH_DIR / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DatasetInvalid, match=match) as e:
+        load_cifar10(root, train=False)
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_batch_is_refused(tmp_path):
+    root = write_tiny_cifar(tmp_path / "c", n_train=10, n_test=5)
+    f = root / BATCH_DIR / "data_batch_2"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(DatasetInvalid, match="data_batch_2"):
+        load_cifar10(root, train=True)
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_every_pickle_protocol_of_a_plain_batch_loads(tmp_path, protocol):
+    root = write_tiny_cifar(tmp_path / "c", n_train=10, n_test=5)
+    x, y = tiny_images(5, seed=3)
+    batch = {b"batch_label": b"t", b"labels": [int(v) for v in y], b"data": x.reshape(5, 3072)}
+    (root / BATCH_DIR / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    xt, yt = load_cifar10(root, train=False)
+    assert np.array_equal(xt.numpy(), x) and np.array_equal(yt.numpy(), y)
