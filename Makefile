@@ -50,9 +50,11 @@ attacks: install
 evaluate: install
 	$(RUN) -m revlit.evaluate --n $(N) --out results/evaluate
 
-## make bench: purifier and PGD throughput against the hardware bound.
+## make bench: purifier and PGD throughput against the hardware bound (benchmarks/, docs/speed.md).
+## BENCH_ARGS="--bf16" adds the bfloat16 rows; `$(PY) -m benchmarks --help` lists the options.
+BENCH_ARGS ?=
 bench: install
-	$(RUN) -m revlit.bench --ddp --out results/bench/bench.json
+	$(RUN) -m benchmarks --ddp --out results/bench/bench.json $(BENCH_ARGS)
 
 ## make ssl: train the SSL heads on the shipped ResNet-20 classifiers (~9 min each here).
 ssl: install

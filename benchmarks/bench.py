@@ -6,22 +6,24 @@ purifier can never beat ``bound / (K·V)`` images/s, where ``bound`` is the back
 forward + backward-to-input throughput at its best batch size (parameters frozen, channels_last).
 This module measures that bound, the purifier at two settings, the plain reference loop of
 :mod:`revlit.defenses.reference` at the same settings (the "before" rows), PGD-10 generation, the
-peak resident memory of each (every variant once more in a fresh child process, ``ru_maxrss``), and
-(``--ddp``) the defended ``predict`` with 1 process vs 2 DDP processes.
+peak resident memory of each (every variant once more in a fresh child process, ``VmHWM``),
+(``--ddp``) the defended ``predict`` with 1 process vs 2 DDP processes, and (``--bf16``) the bound,
+the purifier and PGD-10 once more under bfloat16 autocast, with every row's fraction against both
+bounds.
 
-Usage::
+Usage, from the repository root::
 
-    python -m revlit.bench [--model resnet20] [--reps 3] [--out results/bench/bench.json]
-                           [--no-reference] [--no-memory] [--ddp]
+    python -m benchmarks [--model resnet20] [--reps 3] [--out results/bench/bench.json]
+                         [--no-reference] [--no-memory] [--ddp] [--bf16]
 
 Variants are interleaved across repetitions (timings on a shared machine drift between minutes);
 min and median over repetitions are reported; every workload also runs between two windows of
 the bound at its best batch size, and its "bracketed" fraction compares it with the bound of the
-same minutes. A bound repetition repeats its single pass until it
-has done as much work (images × passes) as the smallest workload, so the bound and the workloads
-are averaged over windows of about the same length (the fastest single pass, the estimator before
-session 5, is kept in the record as ``bound_single_call_images_per_s``, with every row's fraction
-against it).
+same minutes. A bound repetition repeats its single pass until it has done as much work
+(images × passes) as the smallest workload, so the bound and the workloads are averaged over
+windows of about the same length (the fastest single pass is kept in the record as
+``bound_single_call_images_per_s``, with every row's fraction against it). How to read the
+estimators: ``docs/speed.md``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from revlit.attacks.norms import Norm
 from revlit.attacks.pgd import pgd
 from revlit.defenses.reference import reference_purify
 from revlit.defenses.reverse import RELU_FLOAT_MB, ReversePurifier
+from revlit.io import git_commit
 from revlit.losses import ContrastiveLoss
 from revlit.models.fold import fold_batchnorm
 from revlit.models.lean import MaskArena, lean_input_grad
@@ -59,6 +62,26 @@ from revlit.ssl.views import SimCLRViews
 
 #: the default purifier's float ReLU budget, in bytes (the "bound lean" rows run the same path)
 LEAN_RELU_FLOAT_BYTES = int(RELU_FLOAT_MB * 2**20)
+#: the repository root: the memory children run ``python -m benchmarks`` from there
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def precision(bf16: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The backbone work's precision: bfloat16 autocast on ``device``'s type, or FP32 (no-op)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def bf16_hardware(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` has native bfloat16 arithmetic (CPU: AVX-512 BF16 or AMX; GPU: torch)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def rss_bytes() -> int:
@@ -110,11 +133,10 @@ def bracketed_fractions(
 class PeakRSS:
     """Context manager sampling the resident set size every ``interval`` seconds; ``.peak``.
 
-    Default 0.25 s: a sampler thread waking every 2 ms (the default until session 6) slowed the
-    Python-heavy purifier by ~10 % against the bound's few big kernels on 2 CPU threads (one
-    paired pair of reduced benches, 12:49-12:54 UTC 2026-12-02: (10, 2, 256) 35.4 -> 39.5 img/s
-    best, bracketed median 0.864 -> 0.957); the memory figures come from the fresh children's
-    ``VmHWM`` anyway, this in-process peak is a diagnostic.
+    A thread that wakes often preempts torch's worker threads and slows a loop of many small ops
+    (the purifier) more than the bound's few big kernels, so the default interval is long
+    (``docs/speed.md``). The memory figures come from the fresh children's ``VmHWM``; this
+    in-process peak is a diagnostic.
     """
 
     def __init__(self, interval: float = 0.25) -> None:
@@ -138,19 +160,24 @@ class PeakRSS:
 
 
 def input_grad_pass(
-    model: nn.Module, x: torch.Tensor, lean: bool = False, arena: MaskArena | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    lean: bool = False,
+    arena: MaskArena | None = None,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """One backbone forward + backward to the input (the unit of work of PGD and the purifier).
 
     ``lean``: the forward runs under :func:`revlit.models.lean.lean_input_grad` (same gradient)
     as the default purifier runs it: float ReLU outputs up to ``ReversePurifier``'s default
     ``relu_float_mb``, masks beyond, from ``arena`` (reset here; default a fresh one).
+    ``bf16``: the forward runs under bfloat16 autocast (the backward follows its dtypes).
     """
     xr = x.detach().requires_grad_(True)
     if lean and arena is not None:
         arena.reset()
     ctx = lean_input_grad(arena, LEAN_RELU_FLOAT_BYTES) if lean else contextlib.nullcontext()
-    with ctx:
+    with ctx, precision(bf16, x.device):
         f = model.features(xr)
     (g,) = torch.autograd.grad(f.float().square().sum(), xr)
     return g
@@ -186,6 +213,8 @@ class Variant:
         self.steal: list[float | None] = []
         #: per repetition: the seconds of the bracketing bound windows (before, after)
         self.brackets: list[tuple[float, float]] = []
+        #: the same for the bfloat16 bound's windows (``--bf16`` only)
+        self.brackets_bf16: list[tuple[float, float]] = []
         self.peak_rss = 0
 
     def run_once(self) -> None:
@@ -237,6 +266,15 @@ class Variant:
                 else {}
             )
             | (
+                {
+                    "bf16_bracket_seconds_per_rep": [
+                        [round(a, 4), round(b, 4)] for a, b in self.brackets_bf16
+                    ]
+                }
+                if self.brackets_bf16
+                else {}
+            )
+            | (
                 {"peak_gpu_mb": round(self.peak_gpu / 2**20, 1)}
                 if hasattr(self, "peak_gpu")
                 else {}
@@ -246,9 +284,9 @@ class Variant:
 
 #: the purifier settings of the bench: (K, V, B, options); options is "" (the default path: lean
 #: input gradients, :mod:`revlit.models.lean`, with float ReLU outputs up to ``relu_float_mb``),
-#: "plain" (autograd's own bookkeeping, the default before the lean path), "masks" (lean with
-#: ReLU masks only, ``relu_float_mb=0``: the default before session 5), "recompute" (memory
-#: bounded by the chunk), "fold_bn" (BatchNorm folded), or several joined by "+"
+#: "plain" (autograd's own bookkeeping, no lean path), "masks" (lean with ReLU masks only,
+#: ``relu_float_mb=0``), "recompute" (memory bounded by the chunk), "fold_bn" (BatchNorm folded),
+#: "bf16" (bfloat16 autocast), or several joined by "+"
 PURIFIER_SETTINGS = (
     (40, 4, 512, "plain"),
     (40, 4, 512, ""),
@@ -256,7 +294,9 @@ PURIFIER_SETTINGS = (
     (10, 2, 256, "masks"),
     (10, 2, 256, ""),
 )
-#: ``--variants all`` adds the memory/speed options of earlier sessions
+#: ``--bf16`` adds the default purifier at both settings under bfloat16 autocast
+BF16_SETTINGS = ((40, 4, 512, "bf16"), (10, 2, 256, "bf16"))
+#: ``--variants all`` adds the opt-in memory/speed options
 EXTRA_SETTINGS = (
     (40, 4, 512, "masks"),
     (40, 4, 512, "recompute"),
@@ -282,14 +322,17 @@ def build_variants(
     pgd_batch: int,
     reference: bool = True,
     steps_cap: int | None = None,
+    bf16: bool = False,
 ) -> tuple[list[Variant], list[Variant], list[Variant]]:
-    """The bound variants (one per batch size), the purifier variants and the PGD variant.
+    """The bound variants (one per batch size), the purifier variants and the PGD variant(s).
 
     With ``reference``, each (K, V, B) also gets a "reference" variant: the plain loop of
     :func:`revlit.defenses.reference.reference_purify` on an unfrozen, contiguous (NCHW) copy of
     the model and head, i.e. the purifier before the speed work, on the same images and seed.
     If a setting folds BatchNorm, "bound folded@B" variants measure the folded backbone's own
     bound. ``steps_cap`` limits K (memory children: a step's memory does not grow with K).
+    ``bf16``: also "bound bf16@B" (the bound's pass under bfloat16 autocast) and PGD-10 under
+    bfloat16 autocast; a purifier setting with the "bf16" option runs under bfloat16 autocast.
     """
     settings = [_setting(p) for p in purifier_settings]
     dev = next(model.parameters()).device
@@ -297,6 +340,12 @@ def build_variants(
     for b in batches:
         x = _images(b, device=dev)
         bound.append(Variant(f"bound@{b}", lambda x=x: input_grad_pass(model, x), b, 1))
+    if bf16:
+        for b in batches:
+            x = _images(b, device=dev)
+            bound.append(
+                Variant(f"bound bf16@{b}", lambda x=x: input_grad_pass(model, x, bf16=True), b, 1)
+            )
     arena = MaskArena(reuse=True)  # as the purifier's: its blocks are handed out again
     for b in batches:
         x = _images(b, device=dev)
@@ -328,10 +377,11 @@ def build_variants(
         )  # fmt: skip
         x = _images(b, 1, dev)
 
-        def run(pur=pur, x=x):
-            return pur.purify(x, torch.Generator().manual_seed(0))
+        def run(pur=pur, x=x, half="bf16" in opts):
+            with precision(half, x.device):
+                return pur.purify(x, torch.Generator().manual_seed(0))
 
-        if reference and (k, v, b) not in seen_ref:
+        if reference and (k, v, b) not in seen_ref and "bf16" not in opts:
             seen_ref.add((k, v, b))
             xc = x.contiguous()
 
@@ -345,13 +395,16 @@ def build_variants(
         purifiers.append(Variant(purifier_name(k, v, b, opts), run, b, k * v))
     x = _images(pgd_batch, 2, dev)
     y = torch.randint(0, 10, (pgd_batch,), generator=torch.Generator().manual_seed(0)).to(dev)
-    atk = Variant(
-        f"PGD-10 Linf B={pgd_batch}",
-        lambda: pgd(model, x, y, Norm.LINF, 8 / 255, 2 / 255, 10),
-        pgd_batch,
-        10,
-    )
-    return bound, purifiers, [atk]
+    attacks = []
+    for half in (False, True) if bf16 else (False,):
+
+        def run_pgd(half=half):
+            with precision(half, dev):
+                return pgd(model, x, y, Norm.LINF, 8 / 255, 2 / 255, 10)
+
+        name = f"PGD-10 Linf B={pgd_batch}" + (" bf16" if half else "")
+        attacks.append(Variant(name, run_pgd, pgd_batch, 10))
+    return bound, purifiers, attacks
 
 
 def run_bench(
@@ -365,6 +418,7 @@ def run_bench(
     ddp: bool = False,
     ddp_n: int = 128,
     device: str = "cpu",
+    bf16: bool = False,
 ) -> dict:
     """Measure everything in one process, variants interleaved; return the JSON record.
 
@@ -380,12 +434,16 @@ def run_bench(
     earlier variants used) is kept as ``peak_rss_mb_in_process``.
     ``ddp``: also time the defended ``predict`` (shipped classifier and head, CIFAR-10 test images,
     the authors' 40 × 4) with 1 process and with 2 DDP processes.
+    ``bf16``: also the bound under bfloat16 autocast ("bound bf16@B") and PGD-10 under it (give
+    the purifier settings with the "bf16" option as well); every workload then also runs between
+    two windows of the bf16 bound, and every row gets its fractions against the bf16 bound
+    (``fraction_of_bf16_bound``...) beside those against the FP32 one.
     """
     torch.manual_seed(0)
     model = _frozen(build(model_name)).to(device)
     memory = memory and torch.device(device).type == "cpu"
     bound, purifiers, attacks = build_variants(
-        model, list(batches), list(purifier_settings), pgd_batch, reference
+        model, list(batches), list(purifier_settings), pgd_batch, reference, bf16=bf16
     )
     variants = bound + purifiers + attacks
     for v in variants:  # warm-up: allocator, kernels
@@ -400,30 +458,41 @@ def run_bench(
     # Each workload runs between two windows of the bound at its best batch size (chosen from the
     # first repetition's sweep), so every repetition also gets a fraction against a bound timed
     # at the same minutes (the machine's speed drifts by 10-30 % between minutes).
-    bracket: Variant | None = None
-    plain = [v for v in bound if v.name.startswith("bound@")]
+    brackets: list[Variant] = []  # the FP32 bound's windows, then (bf16) the bf16 bound's
+
+    def bracket_of(prefix: str, name: str) -> Variant:
+        sweep = [v for v in bound if v.name.startswith(prefix)]
+        top = max(sweep, key=lambda v: v.images * v.repeat / v.times[0])
+        w = Variant(f"{name}@{top.images}", top.fn, top.images, 1)
+        w.repeat = top.repeat
+        return w
+
     for rep in range(reps):
         for v in bound:
             v.run_once()
-        if bracket is None:
-            top = max(plain, key=lambda v: v.images * v.repeat / v.times[0])
-            bracket = Variant(f"bound bracket@{top.images}", top.fn, top.images, 1)
-            bracket.repeat = top.repeat
-            bracket.run_once()
+        if not brackets:
+            brackets.append(bracket_of("bound@", "bound bracket"))
+            if bf16:
+                brackets.append(bracket_of("bound bf16@", "bound bf16 bracket"))
+            for w in brackets:
+                w.run_once()
         for v in purifiers + attacks:
             if rep == 0 or not v.name.startswith("reference"):
                 v.run_once()  # the slow reference loop runs once (its "before" figure)
-                bracket.run_once()
-                v.brackets.append((bracket.times[-2], bracket.times[-1]))
-    variants = bound + [bracket] + purifiers + attacks
+                for w, into in zip(brackets, (v.brackets, v.brackets_bf16)):
+                    w.run_once()
+                    into.append((w.times[-2], w.times[-1]))
+    variants = bound + brackets + purifiers + attacks
     rows = [v.summary() for v in variants]
-    bracket_work = bracket.images * bracket.repeat
+    bracket_work = [w.images * w.repeat for w in brackets]
     for r in rows:
         r["peak_rss_mb_in_process"] = r.pop("peak_rss_mb")
-        if memory and not r["name"].startswith(("reference", "bound bracket")):
+        if memory and not r["name"].startswith(
+            ("reference", "bound bracket", "bound bf16 bracket")
+        ):
             r["peak_rss_mb"], r["baseline_rss_mb"] = child_peak_rss_mb(
                 model_name, r["name"], list(batches), list(purifier_settings), pgd_batch,
-                with_baseline=True,
+                with_baseline=True, bf16=bf16,
             )  # fmt: skip
 
     def best(prefix: str) -> dict | None:  # the fastest bound row of one backbone variant
@@ -431,8 +500,9 @@ def run_bench(
         return max(found, key=lambda r: r["images_per_s_max"]) if found else None
 
     best_bound, best_lean, best_folded = best("bound@"), best("bound lean@"), best("bound folded@")
+    best_bf16 = best("bound bf16@")
     plain_rows = [r for r in rows if r["name"].startswith("bound@")]
-    # the estimator of bench runs before session 5: the fastest single pass of any batch size
+    # a second estimator, kept for comparison: the fastest single pass of any batch size
     single_bound = max(r["images_per_s_single_call_max"] for r in plain_rows)
     # per repetition: the best plain bound window's img/s (for the paired fractions)
     sizes = [r["images"] * r["calls_per_rep"] for r in plain_rows]
@@ -460,10 +530,20 @@ def run_bench(
         r["fraction_of_bound_paired_median"] = round(statistics.median(paired), 3)
         bracketed = bracketed_fractions(
             r["seconds_per_rep"], r["bracket_seconds_per_rep"],
-            r["images"] * r["passes_per_image"], bracket_work,
+            r["images"] * r["passes_per_image"], bracket_work[0],
         )  # fmt: skip
         r["fraction_of_bound_bracketed_per_rep"] = [round(f, 3) for f in bracketed]
         r["fraction_of_bound_bracketed_median"] = round(statistics.median(bracketed), 3)
+        if best_bf16:  # the same fractions against the bfloat16 bound
+            ceiling16 = best_bf16["images_per_s_max"] / r["passes_per_image"]
+            r["fraction_of_bf16_bound"] = round(r["images_per_s_max"] / ceiling16, 3)
+            r["fraction_of_bf16_bound_median"] = round(r["images_per_s_median"] / ceiling16, 3)
+            bracketed16 = bracketed_fractions(
+                r["seconds_per_rep"], r["bf16_bracket_seconds_per_rep"],
+                r["images"] * r["passes_per_image"], bracket_work[1],
+            )  # fmt: skip
+            r["fraction_of_bf16_bound_bracketed_per_rep"] = [round(f, 3) for f in bracketed16]
+            r["fraction_of_bf16_bound_bracketed_median"] = round(statistics.median(bracketed16), 3)
         single = single_bound / r["passes_per_image"]
         r["fraction_of_single_call_bound"] = round(r["images_per_s_max"] / single, 3)
         plain = best_bound["images_per_s_max"] / r["passes_per_image"]
@@ -476,7 +556,7 @@ def run_bench(
         "kind": "revlit-bench/1",
         "model": model_name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "machine": platform.machine(),
         "processor": _cpu_name(),
         "torch": torch.__version__,
@@ -496,10 +576,18 @@ def run_bench(
         "bound_images_per_s": best_bound["images_per_s_max"],
         "bound_batch": best_bound["images"],
         "bound_window_image_passes": work,
-        "bracket": bracket.name,
+        "bracket": brackets[0].name,
         "bound_single_call_images_per_s": single_bound,
         "bound_folded_images_per_s": best_folded["images_per_s_max"] if best_folded else None,
         "bound_lean_images_per_s": best_lean["images_per_s_max"] if best_lean else None,
+        "bf16": {
+            "hardware": bf16_hardware(device),
+            "bound_images_per_s": best_bf16["images_per_s_max"],
+            "bound_batch": best_bf16["images"],
+            "bracket": brackets[1].name,
+        }
+        if best_bf16
+        else None,
         "rows": rows,
         "ddp": ddp_predict(ddp_n) if ddp else None,
     }
@@ -512,6 +600,7 @@ def child_peak_rss_mb(
     purifier_settings: list,
     pgd_batch: int,
     with_baseline: bool = False,
+    bf16: bool = False,
 ) -> float | tuple[float, float]:
     """Peak RSS (MB) of a fresh process that builds the bench and runs only variant ``name`` once.
 
@@ -520,11 +609,11 @@ def child_peak_rss_mb(
     """
     spec = json.dumps(
         {"model": model_name, "name": name, "batches": batches,
-         "purifier_settings": purifier_settings, "pgd_batch": pgd_batch}
+         "purifier_settings": purifier_settings, "pgd_batch": pgd_batch, "bf16": bf16}
     )  # fmt: skip
     out = subprocess.run(
-        [sys.executable, "-m", "revlit.bench", "--_child", spec],
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "benchmarks", "--_child", spec],
+        capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
     peak, base = (round(float(t), 1) for t in out.stdout.strip().splitlines()[-1].split())
     return (peak, base) if with_baseline else peak
@@ -537,7 +626,7 @@ def _child(spec: str) -> None:
     model = _frozen(build(s["model"]))
     bound, purifiers, attacks = build_variants(
         model, s["batches"], s["purifier_settings"], s["pgd_batch"],
-        reference=s["name"].startswith("reference"), steps_cap=2,
+        reference=s["name"].startswith("reference"), steps_cap=2, bf16=s["bf16"],
     )  # fmt: skip
     (v,) = [v for v in bound + purifiers + attacks if v.name == s["name"]]
     base = vm_hwm_mb()
@@ -629,14 +718,6 @@ def ddp_predict(n: int = 128, batch: int = 64) -> dict:
     return out
 
 
-def _git_commit() -> str:
-    # imported here: revlit.callbacks imports Lightning (~220 MB), which the memory children of
-    # this bench must not carry (the purifier itself does not need it)
-    from revlit.callbacks.export import git_commit
-
-    return git_commit()
-
-
 def _cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -688,7 +769,7 @@ def format_table(rec: dict) -> str:
         "against the best bound@B window of the same repetition; bracketed = each repetition of the variant against the mean of the two windows of the bound at its best batch (the 'bound bracket' row) run just before and just after it, then the median (bracketing cancels the machine's drift between minutes, and no best-of-many bound window is picked); fold_bn rows are measured against the folded backbone's own best bound "
         "(bound folded@B) and, in the next column, against the plain one; lean purifier rows "
         "(no option: the default) are measured against the plain bound, and also against the "
-        "lean backbone's own (bound lean@B); 'plain' rows are the default path before the lean "
+        "lean backbone's own (bound lean@B); 'plain' rows are the purifier without the lean "
         "input gradients; 'reference' rows are the plain loop (revlit.defenses.reference) "
         "before any speed work; peak RSS = VmHWM of the whole process, each variant alone in a "
         "fresh child (purifiers: 2 steps; a step's memory does not grow with K), and the "
@@ -704,8 +785,8 @@ def format_table(rec: dict) -> str:
         lines.append(
             f"bound repetitions: each repeats its pass until {rec['bound_window_image_passes']} "
             "image-passes (the smallest workload's), so bound and workloads are timed over "
-            "windows of about the same length; the fastest single pass, the estimator of "
-            f"earlier runs, gives {rec['bound_single_call_images_per_s']:.1f} img/s, and "
+            "windows of about the same length; the fastest single pass, a second estimator, "
+            f"gives {rec['bound_single_call_images_per_s']:.1f} img/s, and "
             f"against it: {fr}."
         )
     steal = [
@@ -721,6 +802,28 @@ def format_table(rec: dict) -> str:
         )
     env = rec.get("malloc_env") or {}
     lines.append(f"allocator environment: {env}")
+    if rec.get("bf16"):
+        b16 = rec["bf16"]
+        lines += [
+            "",
+            f"FP32 against bfloat16 autocast: FP32 bound {rec['bound_images_per_s']} img/s "
+            f"(@{rec['bound_batch']}), bf16 bound {b16['bound_images_per_s']} img/s "
+            f"(@{b16['bound_batch']}); native bf16 arithmetic on this device: "
+            f"{'yes' if b16['hardware'] else 'no'}.",
+            "",
+            "| variant | img/s (best / median) | of the FP32 bound: best / median / bracketed median | of the bf16 bound: best / median / bracketed median |",
+            "|---|---:|---:|---:|",
+        ]  # fmt: skip
+        for r in rec["rows"]:
+            if "fraction_of_bf16_bound" not in r or r["name"].startswith("reference"):
+                continue
+            lines.append(
+                f"| {r['name']} | {r['images_per_s_max']:.1f} / {r['images_per_s_median']:.1f} | "
+                f"{r['fraction_of_bound']:.3f} / {r['fraction_of_bound_median']:.3f} / "
+                f"{r['fraction_of_bound_bracketed_median']:.3f} | "
+                f"{r['fraction_of_bf16_bound']:.3f} / {r['fraction_of_bf16_bound_median']:.3f} / "
+                f"{r['fraction_of_bf16_bound_bracketed_median']:.3f} |"
+            )
     ddp = rec.get("ddp")
     if ddp and ddp.get("error"):
         lines += ["", f"defended predict, 1 vs 2 DDP processes: FAILED ({ddp['error']})."]
@@ -742,7 +845,7 @@ def format_table(rec: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m revlit.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet20", help="registered model name (random weights)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
@@ -759,6 +862,10 @@ def main(argv: list[str] | None = None) -> None:
         help="'all' adds the recompute and fold_bn purifier rows",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU: peak memory is the GPU's)")
+    p.add_argument(
+        "--bf16", action="store_true",
+        help="also the bound, the purifier at both settings and PGD-10 under bfloat16 autocast",
+    )  # fmt: skip
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
@@ -773,15 +880,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(why)
     common = dict(
         reference=not args.no_reference, memory=not args.no_memory, ddp=args.ddp, ddp_n=args.ddp_n,
-        device=args.device,
+        device=args.device, bf16=args.bf16,
     )  # fmt: skip
     if args.quick:
         quick = (
             (2, 2, 8, "plain"), (2, 2, 8, "masks"), (2, 2, 8, ""), (2, 2, 8, "fold_bn+recompute")
-        )  # fmt: skip
+        ) + (((2, 2, 8, "bf16"),) if args.bf16 else ())  # fmt: skip
         rec = run_bench(args.model, 1, (8, 16), quick, 8, **common)
     else:
         settings = PURIFIER_SETTINGS + (EXTRA_SETTINGS if args.variants == "all" else ())
+        settings += BF16_SETTINGS if args.bf16 else ()
         rec = run_bench(args.model, args.reps, tuple(args.batches), settings, **common)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -791,7 +899,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
     if (rec.get("ddp") or {}).get("error"):
-        print(f"python -m revlit.bench: error: the DDP comparison failed: {rec['ddp']['error']}",
+        print(f"python -m benchmarks: error: the DDP comparison failed: {rec['ddp']['error']}",
               file=sys.stderr)  # fmt: skip
         sys.exit(1)
 

@@ -1,11 +1,11 @@
-"""``make bench`` (issue 8): the record's fields, the fraction-of-bound arithmetic, the child RSS."""
+"""``make bench`` (benchmarks/bench.py): the record's fields, the fractions' arithmetic, the child RSS."""
 
 import json
 
 import pytest
 import torch
 
-from revlit import bench
+from benchmarks import bench
 
 
 def test_quick_bench_writes_rows_fractions_and_reference(tmp_path, capsys):
@@ -184,3 +184,56 @@ def test_a_failed_ddp_run_keeps_the_timed_rows(tmp_path, monkeypatch, capsys):
         in out.with_suffix(".md").read_text()
     )
     assert "the DDP comparison failed" in capsys.readouterr().err
+
+
+def test_bf16_rows_have_fractions_against_both_bounds(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--bf16", "--no-memory", "--no-reference", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    rows = {r["name"]: r for r in rec["rows"]}
+    for name in (
+        "bound bf16@8",
+        "bound bf16@16",
+        "purifier K=2 V=2 B=8 bf16",
+        "PGD-10 Linf B=8 bf16",
+    ):
+        assert name in rows
+    b16 = rec["bf16"]
+    assert b16["bound_images_per_s"] == max(
+        rows[f"bound bf16@{b}"]["images_per_s_max"] for b in (8, 16)
+    )
+    assert rows[b16["bracket"]]["images"] == b16["bound_batch"]
+    # the bf16 bracket runs once before the first workload and once after each
+    workloads = [r for r in rec["rows"] if not r["name"].startswith("bound")]
+    assert rows[b16["bracket"]]["reps"] == len(workloads) + 1
+    t = rows[b16["bracket"]]["seconds_per_rep"]
+    work = rows[b16["bracket"]]["images"] * rows[b16["bracket"]]["calls_per_rep"]
+    for i, r in enumerate(workloads):  # FP32 and bf16 rows alike get both fractions
+        ceiling16 = b16["bound_images_per_s"] / r["passes_per_image"]
+        assert r["fraction_of_bf16_bound"] == pytest.approx(
+            r["images_per_s_max"] / ceiling16, abs=2e-3
+        )
+        ceiling = rec["bound_images_per_s"] / r["passes_per_image"]
+        if "fold_bn" not in r["name"]:
+            assert r["fraction_of_bound"] == pytest.approx(
+                r["images_per_s_max"] / ceiling, abs=2e-3
+            )
+        expect = (r["images"] * r["passes_per_image"] / r["seconds_per_rep"][0]) / (
+            2 * work / (t[i] + t[i + 1])
+        )
+        assert r["fraction_of_bf16_bound_bracketed_per_rep"] == [pytest.approx(expect, abs=2e-3)]
+    table = (tmp_path / "bench.md").read_text()
+    assert "of the bf16 bound" in table and "| purifier K=2 V=2 B=8 bf16 |" in table
+
+
+def test_bf16_work_runs_under_autocast_and_fp32_does_not():
+    model = bench._frozen(bench.build("resnet20"))
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    seen = []
+    hook = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.rand(2, 3, 32, 32)
+    g32 = bench.input_grad_pass(model, x)
+    g16 = bench.input_grad_pass(model, x, bf16=True)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert g32.dtype == g16.dtype == torch.float32  # the gradient w.r.t. the FP32 input
