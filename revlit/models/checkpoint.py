@@ -8,6 +8,7 @@ A revlit checkpoint is ``{"format": str, "arch": str, "arch_kwargs": dict, "stat
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,21 @@ def safe_load(path: str | os.PathLike) -> Any:
         ) from None
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN or infinite values in any floating tensor of ``tensors`` (a state dict).
+
+    Raises:
+        CheckpointError: one line naming ``what`` and the first offending tensor.
+    """
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"{what} has {bad} NaN/inf value(s) in '{name}': the weights are broken; "
+                "retrain or re-export it"
+            )
+
+
 def save_classifier(
     model: nn.Module,
     path: str | os.PathLike,
@@ -51,12 +67,16 @@ def save_classifier(
 ) -> str:
     """Write a classifier checkpoint and return its sha256.
 
-    ``arch``/``arch_kwargs`` default to ``model.arch_spec()`` (a :class:`Classifier`).
+    ``arch``/``arch_kwargs`` default to ``model.arch_spec()`` (a :class:`Classifier`); ``arch``
+    must be a registered name (:mod:`revlit.models.registry`), so the file loads again.
     """
+    from revlit.models.registry import is_registered
+
     if arch is None:
         arch, arch_kwargs = model.arch_spec()
+    if not is_registered(arch):
+        raise CheckpointError(f"cannot save a classifier of unregistered architecture '{arch}'")
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     obj = {
         "format": CLASSIFIER_FORMAT,
@@ -69,33 +89,61 @@ def save_classifier(
     return sha256_file(p)
 
 
-def load_classifier(path: str | os.PathLike | dict) -> tuple[nn.Module, dict]:
-    """Load a classifier: a revlit checkpoint, or a user module / RobustBench model spec.
+def load_classifier(spec: str | os.PathLike | dict) -> tuple[nn.Module, dict]:
+    """Load a classifier: the one entry point for every way of naming one.
 
-    ``path`` is a revlit checkpoint file, or a spec of :func:`revlit.models.external.load_external`
+    ``spec`` is a revlit checkpoint file, or a spec of :func:`revlit.models.external.load_external`
     (``{"class_path": ..., "init_args": ..., "weights": ...}``, ``"pkg.mod.Net:weights.pt"``,
-    ``"robustbench:<name>[:Linf|L2]"``).
+    ``"robustbench:<name>[:Linf|L2]"``). A revlit checkpoint's architecture is looked up by name in
+    :mod:`revlit.models.registry` (the file cannot choose code); a class path comes only from the
+    user. Every classifier's weights must be finite.
 
     Returns:
         ``(model, info)`` where the model is in eval mode and ``info`` holds ``arch``,
         ``arch_kwargs``, ``meta``, ``path`` and ``sha256`` (of the weights file).
+
+    Raises:
+        CheckpointError: one line: missing or unsafe file, unregistered architecture, weights
+            that do not fit it, NaN/inf weights.
     """
     from revlit.models.external import is_external_spec, load_external
-    from revlit.models.registry import build
 
-    if is_external_spec(path):
-        return load_external(path)
+    if is_external_spec(spec):
+        model, info = load_external(spec)
+    else:
+        model, info = _load_revlit_classifier(spec)
+    check_finite(model.state_dict(), f"classifier {info.get('path', spec)}")
+    return model, info
+
+
+def _load_revlit_classifier(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    from revlit.models.registry import build, is_registered
+
     obj = safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(
             f"{path} is not a revlit classifier checkpoint (expected format {CLASSIFIER_FORMAT})"
         )
-    model = build(obj["arch"], **obj["arch_kwargs"])
-    model.load_state_dict(obj["state_dict"])
+    arch, kwargs, state = obj.get("arch"), obj.get("arch_kwargs", {}), obj.get("state_dict")
+    if not is_registered(arch):
+        raise CheckpointError(
+            f"{path} names architecture {str(arch)[:80]!r}, which is not registered in "
+            "revlit.models.registry; a user model needs an explicit class path and weights"
+        )
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f"{path}: arch_kwargs must be a dict of named arguments")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: state_dict must be a dict of tensors")
+    try:
+        model = build(arch, **kwargs)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: weights do not fit {arch} ({first})") from None
     model.eval()
     info = {
-        "arch": obj["arch"],
-        "arch_kwargs": obj["arch_kwargs"],
+        "arch": arch,
+        "arch_kwargs": kwargs,
         "meta": obj.get("meta", {}),
         "path": str(path),
         "sha256": sha256_file(path),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revlit.models.base import CIFAR10_MEAN, CIFAR10_STD, Classifier
-from revlit.models.registry import register
+from revlit.models.registry import register, register_class
 
 # Basic-block counts per stage for the two depths of He et al.'s basic-block family.
 _STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -52,6 +52,7 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
+@register_class
 class PreActResNet(Classifier):
     """Pre-activation ResNet-18/34 for 32x32 images.
 

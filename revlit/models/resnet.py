@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revlit.models.base import CIFAR10_MEAN, CIFAR10_STD, Classifier
-from revlit.models.registry import register
+from revlit.models.registry import register, register_class
 
 
 class BasicBlock(nn.Module):
@@ -37,6 +37,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+@register_class
 class CifarResNet(Classifier):
     """CIFAR ResNet-(6n+2) with a width multiplier.
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revlit.models.base import CIFAR10_MEAN, CIFAR10_STD, Classifier
-from revlit.models.registry import register
+from revlit.models.registry import register, register_class
 
 
 class WideBlock(nn.Module):
@@ -58,6 +58,7 @@ class WideBlock(nn.Module):
         return self.conv2(out) + skip
 
 
+@register_class
 class WideResNet(Classifier):
     """WRN-depth-widen_factor for 32x32 images (pre-activation, TRADES/RST variant).
 

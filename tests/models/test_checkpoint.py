@@ -104,3 +104,88 @@ def test_tiny_classifier_fixture(tiny_classifier_ckpt):
     assert len(info["sha256"]) == 64
     # BatchNorm statistics were saved non-trivially (not the defaults 0 / 1).
     assert model.bn1.running_mean.abs().sum() > 0
+
+
+def _rewrite(path, **changes):
+    obj = torch.load(path, weights_only=True)
+    obj.update(changes)
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "revlit.models.checkpoint.save_classifier",  # a callable under revlit.models
+        "revlit.models.external.load_external",
+        "os.system",
+        "revlit.models.resnet.BasicBlock",  # a real class, but not a registered architecture
+        ["resnet20"],
+    ],
+)
+def test_architecture_chosen_by_the_file_must_be_registered(
+    tiny_classifier_ckpt, arch, monkeypatch
+):
+    called = []
+    import revlit.models.checkpoint as ck
+
+    monkeypatch.setattr(ck, "save_classifier", lambda *a, **k: called.append(a))
+    _rewrite(tiny_classifier_ckpt, arch=arch, arch_kwargs={})
+    with pytest.raises(CheckpointError, match="not registered") as e:
+        load_classifier(tiny_classifier_ckpt)
+    assert "\n" not in str(e.value) and not called
+
+
+def test_shipped_style_class_path_and_short_names_load(tiny_classifier_ckpt):
+    # the shipped checkpoints store the class path of CifarResNet
+    arch = torch.load(tiny_classifier_ckpt, weights_only=True)["arch"]
+    assert arch == "revlit.models.resnet.CifarResNet"
+    model, info = load_classifier(tiny_classifier_ckpt)
+    assert isinstance(model, CifarResNet) and info["arch"] == arch
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"arch_kwargs": {"depth": 9}}, "do not fit"),  # constructor refuses
+        ({"arch_kwargs": {"depth": 20}}, "do not fit"),  # weights of another shape
+        ({"arch_kwargs": ["depth"]}, "arch_kwargs"),
+        ({"state_dict": {"w": "x"}}, "state_dict"),
+    ],
+)
+def test_weights_that_do_not_fit_give_one_line(tiny_classifier_ckpt, change, match):
+    _rewrite(tiny_classifier_ckpt, **change)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_classifier(tiny_classifier_ckpt)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", ["fc.weight", "bn1.running_var"])
+def test_non_finite_classifier_weights_are_refused(tiny_classifier_ckpt, bad, key):
+    state = torch.load(tiny_classifier_ckpt, weights_only=True)["state_dict"]
+    state[key].view(-1)[0] = bad
+    _rewrite(tiny_classifier_ckpt, state_dict=state)
+    with pytest.raises(CheckpointError, match=f"NaN/inf value.*'{key}'") as e:
+        load_classifier(tiny_classifier_ckpt)
+    assert "\n" not in str(e.value)
+
+
+def test_unregistered_architecture_is_not_saved(tmp_path):
+    class Local(CifarResNet):
+        pass
+
+    with pytest.raises(CheckpointError, match="unregistered"):
+        save_classifier(Local(depth=8), tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet20_at.pt", "resnet20_std.pt"])
+def test_shipped_checkpoints_load(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "checkpoints" / name
+    if not path.is_file():
+        pytest.skip(f"{name} is not shipped in this checkout")
+    model, info = load_classifier(path)
+    assert isinstance(model, CifarResNet) and model.config["depth"] == 20
