@@ -27,7 +27,7 @@ from torch import nn
 
 from revlit.io import atomic_save, sha256_file
 from revlit.losses.contrastive import ContrastiveLoss
-from revlit.models.checkpoint import CheckpointError, safe_load
+from revlit.models.checkpoint import CheckpointError, check_finite, safe_load
 from revlit.models.lean import lean_input_grad
 from revlit.ssl.views import SimCLRViews
 
@@ -115,8 +115,8 @@ def load_head(
         ``in_dim``, ``hidden_dim``, ``out_dim``, ``meta``.
 
     Raises:
-        CheckpointError (a ValueError, one line): missing/unsafe file, not a head checkpoint, or
-            trained on a different classifier without ``allow_mismatch``.
+        CheckpointError (a ValueError, one line): missing/unsafe file, not a head checkpoint,
+            NaN/inf weights, or trained on a different classifier without ``allow_mismatch``.
     """
     obj = safe_load(path)
     if not isinstance(obj, dict) or obj.get("format") != HEAD_FORMAT:
@@ -131,6 +131,7 @@ def load_head(
         )
     head = SSLHead(obj["in_dim"], obj["hidden_dim"], obj["out_dim"])
     head.load_state_dict(obj["state_dict"])
+    check_finite(head.state_dict(), f"SSL head {path}")
     head.eval()
     info = {
         "path": str(path),

@@ -20,6 +20,18 @@ def test_head_shapes_and_bad_input():
         head(torch.randn(5, 32))
 
 
+@pytest.mark.parametrize("key", ["net.0.weight", "net.1.running_mean"])
+def test_head_with_non_finite_weights_is_refused(tmp_path, key):
+    head = SSLHead(8, hidden_dim=12, out_dim=4)
+    save_head(head, tmp_path / "h.pt", classifier_sha256="a" * 64)
+    obj = torch.load(tmp_path / "h.pt", weights_only=True)
+    obj["state_dict"][key].view(-1)[3] = float("nan")
+    torch.save(obj, tmp_path / "h.pt")
+    with pytest.raises(CheckpointError, match=f"SSL head .*NaN/inf.*'{key}'") as e:
+        load_head(tmp_path / "h.pt", classifier_sha256="a" * 64)
+    assert "\n" not in str(e.value)
+
+
 def test_save_load_roundtrip_and_classifier_check(tmp_path):
     torch.manual_seed(0)
     head = SSLHead(8, hidden_dim=12, out_dim=4)
