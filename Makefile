@@ -8,7 +8,7 @@ N ?= 512
 REVLIT_DATA_DIR ?= $(shell [ -d ../shared/datasets/cifar-10-batches-py ] && echo $(abspath ../shared/datasets) || echo data)
 export REVLIT_DATA_DIR
 # glibc returns every tensor >= 32 MB to the OS and faults it back in on the next allocation;
-# keeping big blocks mapped is ~1.5x faster for the purifier loop (../shared/DESIGN.md §4).
+# these settings keep big blocks mapped (the fallback where mimalloc, below, is missing).
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 export MALLOC_TOP_PAD_ ?= 1073741824

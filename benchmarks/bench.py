@@ -429,7 +429,7 @@ def run_bench(
     The reference (plain-loop) variants run in the first repetition only (they are slow).
     ``memory``: afterwards, run every non-reference variant once more alone in a fresh child
     process and record its peak resident memory (``VmHWM``: the whole process, Python and torch
-    included) as ``peak_rss_mb``; purifier children run 2 steps (a step's memory does not grow
+    included) as ``peak_rss_mb``; purifier children take 2 steps (a step's memory does not grow
     with K). The in-process sampler's figure (which only grows, since the allocator keeps what
     earlier variants used) is kept as ``peak_rss_mb_in_process``.
     ``ddp``: also time the defended ``predict`` (shipped classifier and head, CIFAR-10 test images,

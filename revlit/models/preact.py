@@ -3,8 +3,7 @@ ECCV 2016), in the CIFAR form used by the adversarial-training literature (Wong 
 Rice et al. 2020): a 3x3 stem, four stages of pre-activation basic blocks (64, 128, 256, 512
 channels at width 64), a final BN-ReLU, global average pooling and a linear layer.
 
-PreActResNet-18 has 11.2 M parameters and trains at about 60 img/s on this 2-core CPU
-(see ../shared/DESIGN.md): it is meant for GPU users.
+PreActResNet-18 has 11.2 M parameters: it is meant for GPU users.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CIFAR ResNets of He et al. (CVPR 2016, §4.2): 6n+2 layers, three stages, width option.
 
-ResNet-20 (n=3, 0.27 M parameters) is the CPU-friendly default of revlit: it trains adversarially
-in about 85 s per epoch on two cores (see ../shared/DESIGN.md).
+ResNet-20 (n=3, 0.27 M parameters) is the CPU-friendly default of revlit (training times of the
+shipped checkpoints: ``checkpoints/README.md``).
 """
 
 from __future__ import annotations
