@@ -902,7 +902,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"python -m benchmarks: error: the DDP comparison failed: {rec['ddp']['error']}",
               file=sys.stderr)  # fmt: skip
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
