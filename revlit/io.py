@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +97,52 @@ def git_commit() -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _old_sibling(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
+def recover_dir(folder: str | os.PathLike) -> None:
+    """Finish or undo a :func:`replace_dir` that a kill interrupted.
+
+    If ``folder`` is missing but its backup ``.<name>.old`` exists, the backup is put back;
+    if both exist (the kill came while the backup was being deleted), the backup is deleted.
+    """
+    folder = Path(folder)
+    old = _old_sibling(folder)
+    if not old.exists():
+        return
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, folder)
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Move the complete folder ``src`` to ``dst``, replacing what is there; returns ``dst``.
+
+    ``dst`` is renamed to ``.<name>.old`` first and deleted after the move, so at every moment
+    either the old or the new folder is in place (or recoverable by :func:`recover_dir`).
+    ``src`` and ``dst`` must be on the same filesystem.
+    """
+    src, dst = Path(src), Path(dst)
+    recover_dir(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = _old_sibling(dst)
+    if dst.exists():
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if old.exists():
+            os.replace(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def canonical_hash(obj: Any) -> str:
+    """sha256 of ``obj``'s canonical JSON (sorted keys; tensors and paths as text)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

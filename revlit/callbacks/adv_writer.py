@@ -1,6 +1,6 @@
 """AdvSetWriter: write the AttackModule's outputs as a stored adversarial set (``data/pgd/<name>/``).
 
-Each rank writes its rows to a part file, rank 0 merges them by test index (each index once, see
+Each finished batch is kept as a part file, rank 0 merges them by test index (each index once, see
 :class:`revlit.callbacks.writers.RankMergeWriter`) and saves the set with
 :func:`revlit.data.stored.save_stored_set` (temporary folder + rename: an existing set is replaced
 only by a complete new one). ``meta.json`` records the classifier (path + sha256), the attack
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from revlit.callbacks.writers import RankMergeWriter
-from revlit.data.stored import save_stored_set
-from revlit.io import git_commit
+from revlit.data.stored import StoredSetError, load_stored_set, save_stored_set
+from revlit.io import canonical_hash, git_commit, recover_dir
 
 log = logging.getLogger("revlit")
 
@@ -27,18 +27,27 @@ log = logging.getLogger("revlit")
 class AdvSetWriter(RankMergeWriter):
     """Write a stored adversarial set under ``root/name``.
 
+    An existing set of that name is refused before any batch runs, unless it was made with the
+    same settings (attack, classifier, data) and holds no more images than this run makes, or
+    ``overwrite`` is set (here or as the AttackModule's ``overwrite``). Finished batches of a
+    killed run with the same settings are reused (see :class:`RankMergeWriter`).
+
     Args:
         root: folder of the stored sets (``data/pgd``; the DataModule's ``pgd_root``).
         name: the set's name; default: the AttackModule's ``set_name``
             (``--model.init_args.set_name``).
+        overwrite: replace an existing set of that name whatever it holds.
     """
 
-    def __init__(self, root: str = "data/pgd", name: str | None = None) -> None:
-        super().__init__(output_dir=str(Path(root) / (name or "_unnamed")))
+    def __init__(
+        self, root: str = "data/pgd", name: str | None = None, overwrite: bool = False
+    ) -> None:
+        super().__init__(output_dir=str(Path(root) / (name or "_unnamed")), overwrite=overwrite)
         self.root, self.name = Path(root), name
         self.t0: float | None = None
         self.folder: Path | None = None
         self.meta: dict | None = None
+        self.expected_n: int | None = None
 
     def resolve_name(self, pl_module) -> str:
         name = self.name or getattr(pl_module, "set_name", None)
@@ -54,10 +63,32 @@ class AdvSetWriter(RankMergeWriter):
         name = self.resolve_name(pl_module)
         self.folder = self.root / name
         self.output_dir = self.folder
+        dm = getattr(trainer, "datamodule", None)
+        test_set = getattr(dm, "test_set", None)
+        self.expected_n = len(test_set) if test_set is not None else None
 
-    def part_dir(self) -> Path:
-        # next to the set, not inside it: the set's folder is swapped in whole
-        return self.root / f".{self.output_dir.name}.parts"
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self.overwrite = self.overwrite or bool(getattr(pl_module, "overwrite", False))
+        super().on_predict_epoch_start(trainer, pl_module)
+
+    def check_output(self, settings: dict | None) -> None:
+        """Refuse, before any work, an existing set this run may not replace (one line)."""
+        recover_dir(self.folder)
+        if self.overwrite or not self.folder.exists():
+            return
+        try:
+            old = load_stored_set(self.folder, verify=False)
+        except StoredSetError:
+            old = None
+        same = old is not None and settings is not None
+        same = same and old.meta.get("settings_key") == canonical_hash(settings)
+        more = old is not None and self.expected_n is not None and len(old) > self.expected_n
+        if not same or more:
+            why = "other settings" if not same else f"{len(old)} images, more than this run's"
+            raise ValueError(
+                f"stored set {self.folder} already exists ({why}); pass "
+                "--model.init_args.overwrite true to replace it, or another set_name"
+            )
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self.t0 = time.time()
@@ -89,7 +120,11 @@ class AdvSetWriter(RankMergeWriter):
             "commit": git_commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        save_stored_set(self.folder, merged["image"], labels, merged["index"], meta)
+        if self.settings is not None:
+            meta["settings_key"] = canonical_hash(self.settings)
+        save_stored_set(
+            self.folder, merged["image"], labels, merged["index"], meta, overwrite=self.overwrite
+        )
         self.meta = meta
         log.info(
             "stored %d adversarial images in %s: clean acc %.4f, adversarial acc %.4f (%.1f s, %.4f s/img)",

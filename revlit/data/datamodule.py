@@ -147,6 +147,22 @@ class CIFAR10DataModule(pl.LightningDataModule):
             x, y, idx = x[:n], y[:n], idx[:n]
         return ImageSet(x, y, idx)
 
+    def data_identity(self) -> dict:
+        """What the evaluated split's images are: its name and the sha256 of its image file(s).
+
+        Part of a run's settings (see :mod:`revlit.parts`): finished batches are reused only on
+        the same data.
+        """
+        if self.eval_set == "clean":
+            from revlit.data.cifar import TEST_FILES, find_batches
+            from revlit.io import sha256_file
+
+            folder = find_batches(self.data_dir)
+            files = {f: sha256_file(folder / f) for f in TEST_FILES} if folder else None
+            return {"split": "clean", "files_sha256": files}
+        meta = self.eval_meta or {}
+        return {"split": self.eval_set, "files_sha256": meta.get("files_sha256")}
+
     def resolve_set(self, name: str) -> Path:
         """A stored set's folder: ``name`` as a path if it exists, else ``pgd_root/name``."""
         p = Path(name)

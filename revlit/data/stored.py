@@ -10,7 +10,9 @@ Layout of ``data/pgd/<name>/``::
                  each tensor file
 
 Written atomically: the new set is completed in a sibling temporary folder, then swapped in, so an
-existing set is only replaced by a complete new one. Read with ``torch.load(weights_only=True)``.
+existing set is only replaced by a complete new one (a kill mid-swap is undone by the next
+read or write, :func:`revlit.io.recover_dir`). Read with ``torch.load(weights_only=True)`` and
+checked: images finite in [0, 1], labels in 0..9, indices distinct.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from revlit.io import sha256_file
+from revlit.io import recover_dir, replace_dir, sha256_file
 
 STORED_FORMAT = "revlit-stored-set/1"
 TENSOR_FILES = ("images.pt", "labels.pt", "indices.pt")
+NUM_CLASSES = 10
 
 
 class StoredSetError(ValueError):
@@ -51,22 +53,51 @@ class StoredSet:
         return len(self.labels)
 
 
+def check_rows(labels: torch.Tensor, indices: torch.Tensor, where: str) -> None:
+    """Labels are integers in 0..9 and indices distinct non-negative integers (one-line error)."""
+    if labels.is_floating_point() or indices.is_floating_point():
+        raise StoredSetError(f"{where}: labels and indices must be integer tensors")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
+        raise StoredSetError(f"{where}: labels must lie in 0..{NUM_CLASSES - 1}")
+    if len(indices) and int(indices.min()) < 0:
+        raise StoredSetError(f"{where}: test indices must be >= 0")
+    if len(torch.unique(indices)) != len(indices):
+        raise StoredSetError(f"{where}: test indices repeat (each image must appear once)")
+
+
+def check_images(images: torch.Tensor, where: str) -> None:
+    """Images are finite floats in [0, 1] (one-line error)."""
+    if not images.is_floating_point():
+        raise StoredSetError(f"{where}: images are {images.dtype}, expected float32")
+    if not torch.isfinite(images).all():
+        raise StoredSetError(f"{where}: images hold NaN/inf values")
+    if len(images) and (float(images.min()) < 0.0 or float(images.max()) > 1.0):
+        raise StoredSetError(f"{where}: images lie outside [0, 1]")
+
+
 def save_stored_set(
     folder: str | os.PathLike,
     images: torch.Tensor,
     labels: torch.Tensor,
     indices: torch.Tensor,
     meta: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a stored set to ``folder`` atomically (temp folder + rename) and return the folder.
 
+    An existing set is replaced only by a complete new one, and only if ``overwrite`` or if both
+    record the same ``meta["settings_key"]`` (the same attack on the same data) and the new set
+    holds every image of the old one: reusing a name never silently loses a larger set.
+
     Args:
         images: float images in [0,1], (N,C,H,W); stored as float32, contiguous NCHW, unrounded.
-        labels, indices: (N,) integer tensors (stored as int64).
+        labels, indices: (N,) integer tensors (stored as int64): labels in 0..9, indices distinct.
         meta: JSON-serialisable metadata; ``format``, ``n`` and the files' sha256 are added.
+        overwrite: replace whatever set is there.
 
     Raises:
-        StoredSetError: mismatched lengths or non-JSON metadata.
+        StoredSetError: mismatched lengths, bad labels or indices, non-JSON metadata, or an
+            existing set that this one may not replace.
     """
     folder = Path(folder)
     if images.dim() != 4 or not (len(images) == len(labels) == len(indices)):
@@ -74,6 +105,10 @@ def save_stored_set(
             f"stored set needs images (N,C,H,W), labels (N,), indices (N,); got "
             f"{tuple(images.shape)}, {tuple(labels.shape)}, {tuple(indices.shape)}"
         )
+    check_rows(labels, indices, f"stored set {folder}")
+    recover_dir(folder)
+    if folder.exists() and not overwrite:
+        _check_replaceable(folder, indices, (meta or {}).get("settings_key"))
     tensors = {
         "images.pt": images.detach().cpu().to(torch.float32).contiguous(),
         "labels.pt": labels.detach().cpu().to(torch.int64).contiguous(),
@@ -83,7 +118,8 @@ def save_stored_set(
     meta["format"] = STORED_FORMAT
     meta["n"] = len(labels)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
     try:
         tmp.mkdir()
         files = {}
@@ -96,27 +132,27 @@ def save_stored_set(
         except TypeError as e:
             raise StoredSetError(f"stored set metadata is not JSON-serialisable: {e}") from None
         (tmp / "meta.json").write_text(text + "\n")
-        _swap_in(tmp, folder)
+        replace_dir(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _swap_in(tmp: Path, folder: Path) -> None:
-    """Replace ``folder`` by the complete ``tmp``: rename the old one away, rename, delete old."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(folder, old)
+def _check_replaceable(folder: Path, indices: torch.Tensor, settings_key: str | None) -> None:
     try:
-        os.replace(tmp, folder)
-    except OSError:
-        if old is not None:  # put the previous set back
-            os.replace(old, folder)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        old = json.loads((folder / "meta.json").read_text())
+        old_idx = torch.load(folder / "indices.pt", map_location="cpu", weights_only=True)
+    except Exception:
+        old, old_idx = {}, None
+    same = settings_key is not None and old.get("settings_key") == settings_key
+    covers = old_idx is not None and bool(torch.isin(old_idx, indices.cpu()).all())
+    if not (same and covers):
+        why = "other settings" if not same else f"{len(old_idx)} images, more than the new set"
+        raise StoredSetError(
+            f"stored set {folder} already exists ({why}); pass overwrite to replace it, or choose "
+            "another set name"
+        )
 
 
 def load_stored_set(folder: str | os.PathLike, verify: bool = True) -> StoredSet:
@@ -131,6 +167,7 @@ def load_stored_set(folder: str | os.PathLike, verify: bool = True) -> StoredSet
         StoredSetError: a file is corrupt, unsafe to unpickle, or inconsistent with the others.
     """
     folder = Path(folder)
+    recover_dir(folder)
     if not folder.is_dir():
         raise StoredSetNotFound(f"stored set not found: {folder} (make it with `make attacks`)")
     missing = [f for f in (*TENSOR_FILES, "meta.json") if not (folder / f).is_file()]
@@ -165,6 +202,6 @@ def load_stored_set(folder: str | os.PathLike, verify: bool = True) -> StoredSet
             f"stored set {folder}: inconsistent sizes (images {tuple(images.shape)}, "
             f"labels {n}, indices {len(indices)}, meta n {meta.get('n')})"
         )
-    if not images.is_floating_point():
-        raise StoredSetError(f"stored set {folder}: images are {images.dtype}, expected float32")
+    check_images(images, f"stored set {folder}")
+    check_rows(labels, indices, f"stored set {folder}")
     return StoredSet(images, labels.long(), indices.long(), meta)

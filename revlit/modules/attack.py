@@ -12,6 +12,7 @@ import torch
 from revlit.attacks.losses import get_loss
 from revlit.attacks.norms import L1_TOPK_DEFAULT, Norm, example_generators
 from revlit.attacks.pgd import pgd_attack, resolve_args
+from revlit.callbacks.writers import finished_batch
 from revlit.models.checkpoint import load_classifier
 from revlit.utils import as_float
 
@@ -40,6 +41,7 @@ class AttackModule(pl.LightningModule):
         random_start: start from a random point of the ball (else from the clean image).
         attack_iters: the seed's spelling of ``steps`` (``--model.init_args.attack_iters 5``);
             overrides ``steps`` when given.
+        overwrite: let the writer replace an existing stored set of this name.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class AttackModule(pl.LightningModule):
         l1_topk: float = L1_TOPK_DEFAULT,
         random_start: bool = True,
         attack_iters: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         super().__init__()
         if attack_iters is not None:
@@ -68,6 +71,7 @@ class AttackModule(pl.LightningModule):
             raise ValueError(f"l1_topk must be in (0, 1], got {l1_topk}")
         self.steps, self.restarts, self.loss_name = int(steps), int(restarts), str(loss).lower()
         self.seed, self.l1_topk, self.random_start = int(seed), float(l1_topk), bool(random_start)
+        self.overwrite = bool(overwrite)
         self.save_hyperparameters()
         net, self.classifier_info = load_classifier(classifier)
         for p in net.parameters():
@@ -96,6 +100,10 @@ class AttackModule(pl.LightningModule):
             "seeding": "per-example generator: seed * 2**24 + test index (revlit.attacks.example_generators)",
         }
 
+    def run_settings(self) -> dict:
+        """What the outputs depend on (the attack and the classifier's weights, not its path)."""
+        return {k: v for k, v in self.attack_config().items() if k != "classifier"}
+
     # -------------------------------------------------------------------- predict
     def setup(self, stage: str) -> None:
         trainer = getattr(self, "_trainer", None)
@@ -110,6 +118,8 @@ class AttackModule(pl.LightningModule):
         if torch.is_inference_mode_enabled():
             raise ValueError(INFERENCE_MODE_MSG)
         x, y, idx = batch
+        if (done := finished_batch(self._trainer, idx)) is not None:
+            return done  # kept by a killed run of the same settings
         self.net.eval()
         with torch.no_grad():
             clean_pred = self.net(x).argmax(1)

@@ -1,6 +1,8 @@
 """Stored adversarial sets: round trip, atomic replacement, one-line errors, classifier check."""
 
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -48,12 +50,86 @@ def test_existing_set_is_replaced_only_by_a_complete_one(tmp_path):
     images, labels, indices, meta = _set()
     folder = save_stored_set(tmp_path / "s", images, labels, indices, meta)
     with pytest.raises(StoredSetError):  # fails half-way (metadata not JSON): old set stays
-        save_stored_set(folder, images[:5], labels[:5], indices[:5], {"bad": object()})
+        save_stored_set(
+            folder, images[:5], labels[:5], indices[:5], {"bad": object()}, overwrite=True
+        )
     st = load_stored_set(folder)
     assert len(st) == 10 and torch.equal(st.images, images)
-    save_stored_set(folder, images[:4], labels[:4], indices[:4], meta)
+    save_stored_set(folder, images[:4], labels[:4], indices[:4], meta, overwrite=True)
     assert len(load_stored_set(folder)) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp folders left
+
+
+def _tree_hash(folder):
+    from revlit.io import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_reusing_a_name_never_silently_replaces_a_set(tmp_path):
+    images, labels, indices, meta = _set()
+    meta = {**meta, "settings_key": "k1"}
+    folder = save_stored_set(tmp_path / "s", images, labels, indices, meta)
+    before = _tree_hash(folder)
+    # a smaller set of the same settings, another attack, or an unlabelled writer: refused
+    for m, n in (({**meta}, 4), ({**meta, "settings_key": "k2"}, 10), ({"note": "x"}, 10)):
+        with pytest.raises(StoredSetError, match="already exists.*overwrite") as e:
+            save_stored_set(folder, images[:n], labels[:n], indices[:n], m)
+        assert "\n" not in str(e.value)
+        assert _tree_hash(folder) == before
+    # the same settings covering every image: replaced (a re-run or an extension)
+    more = _set(n=12)
+    save_stored_set(folder, more[0], more[1], torch.arange(12) * 7 + 3, meta)
+    assert len(load_stored_set(folder)) == 12
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda im, lab, idx: (im, lab + 10, idx), r"labels must lie in 0..9"),
+        (lambda im, lab, idx: (im, lab - 11, idx), r"labels must lie in 0..9"),
+        (lambda im, lab, idx: (im, lab, torch.zeros_like(idx)), "indices repeat"),
+        (lambda im, lab, idx: (im, lab, idx - 100), "indices must be >= 0"),
+        (lambda im, lab, idx: (im, lab.float(), idx), "integer tensors"),
+    ],
+)
+def test_bad_rows_are_refused_at_save_and_at_load(tmp_path, change, match):
+    images, labels, indices, meta = _set()
+    im, lab, idx = change(images, labels, indices)
+    _one_line_error(StoredSetError, lambda: save_stored_set(tmp_path / "a", im, lab, idx, meta))
+    assert not (tmp_path / "a").exists()
+    # a set written by another tool (files replaced behind meta.json's back) is refused at load
+    folder = save_stored_set(tmp_path / "b", images, labels, indices, meta)
+    torch.save(lab, folder / "labels.pt")
+    torch.save(idx, folder / "indices.pt")
+    msg = _one_line_error(StoredSetError, lambda: load_stored_set(folder, verify=False))
+    assert re.search(match, msg), msg
+
+
+@pytest.mark.parametrize("bad, match", [(float("nan"), "NaN"), (1.5, r"outside \[0, 1\]")])
+def test_bad_images_are_refused_at_load(tmp_path, bad, match):
+    images, labels, indices, meta = _set()
+    folder = save_stored_set(tmp_path / "s", images, labels, indices, meta)
+    images[3, 1, 2, 2] = bad
+    torch.save(images, folder / "images.pt")
+    msg = _one_line_error(StoredSetError, lambda: load_stored_set(folder, verify=False))
+    assert re.search(match, msg), msg
+
+
+def test_a_kill_in_the_middle_of_a_swap_is_recovered(tmp_path):
+    images, labels, indices, meta = _set()
+    folder = save_stored_set(tmp_path / "s", images, labels, indices, meta)
+    before = _tree_hash(folder)
+    # killed after the old set was renamed away, before the new one was moved in
+    os.replace(folder, tmp_path / ".s.old")
+    assert len(load_stored_set(folder)) == 10 and _tree_hash(folder) == before
+    # killed while the old set was being deleted: the half-deleted backup is cleaned up
+    (tmp_path / ".s.old").mkdir()
+    (tmp_path / ".s.old" / "labels.pt").write_bytes(b"half")
+    (tmp_path / ".s.tmp").mkdir()  # and a temporary folder of a killed writer
+    more = _set(n=12)
+    save_stored_set(folder, *more[:2], torch.arange(12), meta, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
 def _one_line_error(exc_type, fn):
