@@ -55,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defenses", default="none,reverse,noise", help="subset of none,reverse,noise")
     p.add_argument("--out", default="results/evaluate", help="output folder (results/<run>)")
     p.add_argument("--batch-size", type=int, default=128, help="per-device batch (the negatives)")
-    p.add_argument("--norm", default="l_inf", help="ball of the defense: l_inf or l_2")
-    p.add_argument("--eps", default="16/255", help="defense budget ε_r")
-    p.add_argument("--step-size", default="2/255", help="reverse-attack step")
-    p.add_argument("--steps", type=int, default=40, help="reverse-attack steps")
-    p.add_argument("--n-views", type=int, default=4, help="views per image per step")
-    p.add_argument("--select", default="last", choices=("last", "best"), help="returned iterate")
+    add_purifier_options(p)
     p.add_argument(
         "--view-mode", default=None, help="shared or per_sample (default: head's record)"
     )
@@ -68,17 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss", default=None, help="SSL loss (default: the head's record, else nt_xent)"
     )
     p.add_argument("--temperature", type=float, default=None, help="SSL loss temperature")
-    p.add_argument("--chunk-size", type=int, default=512, help="max views per backbone pass")
-    p.add_argument(
-        "--fold-bn", action="store_true", help="purify through a BatchNorm-folded classifier copy"
-    )
-    p.add_argument(
-        "--recompute", action="store_true", help="memory bounded by the chunk (+1 forward/step)"
-    )
-    p.add_argument(
-        "--no-lean", action="store_true",
-        help="autograd's own bookkeeping instead of lean input gradients (same images, ~2.5x memory)",
-    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="run seed (per batch: + first test index)")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 folder (default $REVLIT_DATA_DIR)")
     p.add_argument("--pgd-root", default="data/pgd", help="folder of the stored sets")
@@ -96,6 +80,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _arg_help(name: str) -> str:
+    """The first line of ``name``'s entry in ReversePurifier's Args docstring."""
+    import re
+
+    from revlit.defenses import ReversePurifier
+
+    doc = ReversePurifier.__doc__ or ""
+    found = re.search(rf"^ {{8}}{name}: (.+?)(?=^ {{8}}\w+:|^\s*$)", doc, re.M | re.S)
+    text = " ".join(found.group(1).split()) if found else name
+    return text.split(". ")[0].rstrip(".").replace("%", "%%") + " (default: %(default)s)"
+
+
+def add_purifier_options(p: argparse.ArgumentParser) -> None:
+    """One option per setting of :class:`revlit.defenses.ReversePurifier`, default and all, read
+    from its signature (so the command line cannot drift from the purifier)."""
+    import inspect
+    from enum import Enum
+
+    from revlit.defenses import SETTINGS, ReversePurifier
+
+    params = inspect.signature(ReversePurifier).parameters
+    for name, default in SETTINGS.items():
+        flag, kind = "--" + name.replace("_", "-"), str(params[name].annotation)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                           help=_arg_help(name))  # fmt: skip
+            continue
+        if isinstance(default, Enum):
+            default, typ = default.value, str
+        elif "str" in kind:  # numbers that also take fractions such as "16/255"
+            typ = str
+        else:
+            typ = type(default)
+        p.add_argument(flag, type=typ, default=default, help=_arg_help(name))
+
+
+def make_defense(args, method: str):
+    """The defense of one run from the command line's settings (``none``, ``noise``, ``reverse``)."""
+    from revlit.defenses import SETTINGS, NoDefense, RandomNoise, ReversePurifier
+
+    if method == "none":
+        return NoDefense()
+    if method == "noise":
+        return RandomNoise(norm=args.norm, eps=args.eps)
+    kw = {name: getattr(args, name) for name in SETTINGS}
+    if args.view_mode is not None:
+        from revlit.ssl.views import SimCLRViews
+
+        kw["views"] = SimCLRViews(mode=args.view_mode)
+    if args.loss is not None or args.temperature is not None:
+        from revlit.losses import make_loss
+        from revlit.ssl.head import head_training, load_head
+
+        rec = head_training(load_head(args.head)[1])
+        temperature = rec["temperature"] if args.temperature is None else args.temperature
+        kw["loss"] = make_loss(args.loss or rec["loss"], temperature)
+    return ReversePurifier(**kw)
+
+
 def _runs_for(defenses: list[str]) -> list[str]:
     """Module runs needed: 'reverse' and 'noise' each also give the undefended row."""
     runs = [d for d in ("reverse", "noise") if d in defenses]
@@ -108,26 +151,14 @@ def _run_one(args, split: str, defense: str, out_dir: Path, run_name: str):
 
     from revlit.callbacks.defense_viz import DefenseViz
     from revlit.callbacks.defense_writer import DefenseWriter
+    from revlit.callbacks.throughput import ImagesPerSecond
     from revlit.data.datamodule import CIFAR10DataModule
     from revlit.modules.defense import DefenseModule
 
     module = DefenseModule(
         classifier=args.classifier,
         head=args.head,
-        defense=defense,
-        norm=args.norm,
-        eps=args.eps,
-        step_size=args.step_size,
-        steps=args.steps,
-        n_views=args.n_views,
-        view_mode=args.view_mode,
-        select=args.select,
-        loss=args.loss,
-        temperature=args.temperature,
-        chunk_size=args.chunk_size,
-        fold_bn=args.fold_bn,
-        recompute=args.recompute,
-        lean=not args.no_lean,
+        defense=make_defense(args, defense),
         seed=args.seed,
         allow_mismatch=args.allow_mismatch,
     )
@@ -147,7 +178,7 @@ def _run_one(args, split: str, defense: str, out_dir: Path, run_name: str):
         strategy=args.strategy,
         inference_mode=False,
         logger=TensorBoardLogger(args.log_dir, name=run_name, version=f"{tag}_{defense}"),
-        callbacks=[writer, DefenseViz()],
+        callbacks=[writer, DefenseViz(), ImagesPerSecond()],
         enable_progress_bar=args.progress,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -175,20 +206,20 @@ def evaluate(args) -> list[dict]:
     records: list[dict] = []
     skipped: list[str] = []
     is_zero = True
-    for split in sets:
+    for split in sets:  # every set checked before any work
         if (
             split != "clean"
             and not Path(split).exists()
             and not (Path(args.pgd_root) / split).exists()
         ):
-            if args.skip_missing:
-                logging.getLogger("revlit").warning("skipping missing stored set '%s'", split)
-                skipped.append(split)
-                continue
-            raise FileNotFoundError(
-                f"stored set '{split}' not found under {args.pgd_root} (make it with `make attacks`, "
-                "or pass --skip-missing)"
-            )
+            if not args.skip_missing:
+                raise FileNotFoundError(
+                    f"stored set '{split}' not found under {args.pgd_root} (make it with "
+                    "`make attacks`, or pass --skip-missing)"
+                )
+            logging.getLogger("revlit").warning("skipping missing stored set '%s'", split)
+            skipped.append(split)
+    for split in (s for s in sets if s not in skipped):
         got: dict[str, dict] = {}
         for defense in _runs_for(defenses):
             tag = Path(split).name

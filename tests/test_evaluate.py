@@ -50,3 +50,24 @@ def test_evaluate_table_and_records(tmp_path, tiny_cifar_dir, tiny_classifier_ck
     assert main([*bad, "--skip-missing"]) == 0
     assert "skipped (missing): nope" in (tmp_path / "r2" / "table.md").read_text()
     assert not os.path.exists(tmp_path / "r2" / "nope")
+
+
+def test_purifier_options_are_the_purifiers_own_defaults():
+    """Every ReversePurifier setting is an option with the signature's default (no drift)."""
+    from enum import Enum
+
+    from revlit.defenses import SETTINGS, RandomNoise, ReversePurifier
+    from revlit.evaluate import build_parser, make_defense
+
+    args = build_parser().parse_args([])
+    for name, default in SETTINGS.items():
+        assert getattr(args, name) == (default.value if isinstance(default, Enum) else default)
+    pur = make_defense(args, "reverse")
+    assert isinstance(pur, ReversePurifier)
+    assert pur.settings() | {"view_mode": None} == ReversePurifier().settings() | {
+        "view_mode": None
+    }
+    args = build_parser().parse_args(["--eps", "8/255", "--no-lean", "--chunk-size", "64"])
+    pur, noise = make_defense(args, "reverse"), make_defense(args, "noise")
+    assert (pur.eps, pur.lean, pur.chunk_size) == (8 / 255, False, 64)
+    assert isinstance(noise, RandomNoise) and noise.eps == 8 / 255

@@ -2,8 +2,10 @@
 
 Per evaluated split (Mao et al., ICCV 2021, show both kinds of figure):
 
-- ``defense_grid.png``: rows = the input (e.g. attacked) images, the reverse vector δ_r rescaled to
-  be visible (0.5 grey = no change, per image ``0.5 + δ / (2 max|δ|)``), the repaired images;
+- ``defense_grid.png``: one column per image, titled with its true label; rows = the input (e.g.
+  attacked) images with the classifier's prediction, the reverse vector δ_r rescaled to be visible
+  (0.5 grey = no change, per image ``0.5 + δ / (2 max|δ|)``), the repaired images with the
+  prediction after the defense; a prediction is green when right, red when wrong;
 - ``ssl_hist.png``: histograms of the per-image SSL loss before and after the defense;
 - the same grid and both histograms in TensorBoard (``add_image`` / ``add_histogram``) under
   ``defense/<split>/<method>``.
@@ -22,7 +24,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from revlit.callbacks.visualize import log_grid_tensorboard, perturbation_to_image, save_grid_png
+from revlit.callbacks.visualize import (
+    class_name,
+    log_grid_tensorboard,
+    perturbation_to_image,
+    save_grid_png,
+)
 from revlit.io import atomic_path
 
 log = logging.getLogger("revlit")
@@ -60,9 +67,28 @@ def save_ssl_histogram(
     return Path(path)
 
 
+RIGHT, WRONG = "#1a7f37", "#cf222e"
+
+
 def defense_rows(x: torch.Tensor, x_def: torch.Tensor) -> tuple[list[torch.Tensor], list[str]]:
     """Grid rows (input, visible reverse vector, repaired) and their titles."""
     return [x, perturbation_to_image(x_def - x), x_def], ["input", "δ (rescaled)", "defended"]
+
+
+def prediction_captions(
+    label: torch.Tensor, pred: torch.Tensor, pred_def: torch.Tensor
+) -> tuple[list[str], list[list[tuple[str, str]] | None]]:
+    """Column titles (true label) and per-row captions (prediction before / after, green when
+    right, red when wrong) for the rows of :func:`defense_rows`."""
+
+    def row(p: torch.Tensor) -> list[tuple[str, str]]:
+        return [
+            (f"pred {class_name(int(q))}", RIGHT if int(q) == int(t) else WRONG)
+            for q, t in zip(p, label)
+        ]
+
+    titles = [f"true {class_name(int(t))}" for t in label]
+    return titles, [row(pred), None, row(pred_def)]
 
 
 class DefenseViz(pl.Callback):
@@ -94,13 +120,18 @@ class DefenseViz(pl.Callback):
 
     def _write(self, trainer, pl_module, before, after) -> None:
         out = self._out_dir(trainer)
-        split, method = self._split(trainer), getattr(pl_module, "defense", "defense")
+        split = self._split(trainer)
+        method = getattr(getattr(pl_module, "defense", None), "method", "defense")
         tag = f"defense/{split}/{method}"
         exp = getattr(trainer.logger, "experiment", None) if trainer.logger else None
         viz = getattr(pl_module, "viz", None)
         if viz is not None and method != "none":
             rows, titles = defense_rows(viz["x"], viz["x_def"])
-            self.paths.append(save_grid_png(rows, titles, out / "defense_grid.png"))
+            cols, caps = (None, None)
+            if all(k in viz for k in ("label", "pred", "pred_def")):
+                cols, caps = prediction_captions(viz["label"], viz["pred"], viz["pred_def"])
+            png = out / "defense_grid.png"
+            self.paths.append(save_grid_png(rows, titles, png, col_titles=cols, captions=caps))
             if trainer.logger is not None:
                 log_grid_tensorboard(trainer.logger, f"{tag}/grid", rows, step=0)
         if before is not None and before.numel() > 0:

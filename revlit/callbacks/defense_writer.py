@@ -117,7 +117,7 @@ def records_from_predictions(
             passes_per_image=module.passes_per_image("none"),
         )
     ]
-    if module.defense != "none":
+    if module.defense.method != "none":
         rows.append(
             make_record(
                 classifier=classifier,

@@ -35,6 +35,13 @@ def _to_hwc(img: torch.Tensor):
     return img.permute(1, 2, 0).numpy()
 
 
+def class_name(c: int) -> str:
+    """The CIFAR-10 name of class ``c`` (its number outside 0..9)."""
+    from revlit.data.cifar import CLASSES
+
+    return CLASSES[c] if 0 <= c < len(CLASSES) else str(c)
+
+
 def perturbation_to_image(delta: torch.Tensor) -> torch.Tensor:
     """Map a perturbation (N,C,H,W) to [0,1] per image: 0.5 + δ / (2·max|δ|) (0.5 where δ = 0)."""
     m = delta.detach().abs().reshape(len(delta), -1).amax(1).clamp_min(1e-12)
@@ -47,11 +54,13 @@ def save_grid_png(
     path: str | os.PathLike,
     col_titles: Sequence[str] | None = None,
     scale: float = 1.2,
+    captions: Sequence[Sequence[tuple[str, str]] | None] | None = None,
 ) -> Path:
     """Save a grid of images: ``rows[r][c]`` at row r, column c (tensors (N,C,H,W) in [0,1]).
 
-    Rows may hold different numbers of images (missing cells stay blank). Written to a temporary
-    file then renamed. Returns the path.
+    Rows may hold different numbers of images (missing cells stay blank). ``captions[r][c]`` =
+    ``(text, colour)`` is written under cell (r, c) (``captions[r]`` = None: none on row r).
+    Written to a temporary file then renamed. Returns the path.
     """
     import matplotlib
 
@@ -81,6 +90,9 @@ def save_grid_png(
                 ax.set_ylabel(titles[r], fontsize=8)
             if r == 0 and col_titles is not None and c < len(col_titles):
                 ax.set_title(col_titles[c], fontsize=7)
+            cap = captions[r] if captions is not None and r < len(captions) else None
+            if cap is not None and c < len(cap):
+                ax.set_xlabel(cap[c][0], fontsize=7, color=cap[c][1], labelpad=2)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
@@ -155,13 +167,10 @@ class AdversarialGrid(pl.Callback):
         self.clean.append(batch[0][:k].detach().float().cpu())
         self.adv.append(outputs["image"][:k].detach().float().cpu())
         if "label" in outputs and "adv_pred" in outputs:
-            from revlit.data.cifar import CLASSES
-
-            def name(c: int) -> str:
-                return CLASSES[c] if 0 <= c < len(CLASSES) else str(c)
-
             for lab, pred in zip(outputs["label"][:k].tolist(), outputs["adv_pred"][:k].tolist()):
-                self.captions.append(name(lab) if lab == pred else f"{name(lab)}→{name(pred)}")
+                self.captions.append(
+                    class_name(lab) if lab == pred else f"{class_name(lab)}→{class_name(pred)}"
+                )
 
     def _folder_and_name(self, trainer, pl_module) -> tuple[Path, str]:
         from revlit.callbacks.adv_writer import AdvSetWriter

@@ -202,7 +202,9 @@ def bank_purifier(
     """
     dev = next(classifier.parameters()).device
     bank_loss = make_loss(loss, temperature, bank.to(dev))
-    return ReversePurifier(classifier, head, bank_loss, views, **purifier_kwargs)
+    purifier = ReversePurifier(classifier, head, bank_loss, views, **purifier_kwargs)
+    purifier.per_image = True  # defend() draws from per_image_generators(seed, indices)
+    return purifier
 
 
 # ---------------------------------------------------------------------- command line

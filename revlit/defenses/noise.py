@@ -1,4 +1,4 @@
-"""The random-noise baseline of the reverse-attack defense, and input checks shared by the defenses.
+"""The random-noise baseline of the reverse-attack defense.
 
 Mao et al. ("Adversarial Attacks are Reversible with Natural Supervision", ICCV 2021) compare the
 reverse attack with adding *random* noise of the same budget: if a random vector of the same size
@@ -16,47 +16,11 @@ from __future__ import annotations
 import torch
 
 from revlit.attacks.norms import Norm, random_init
+from revlit.defenses.base import EPS_R, Defense, check_images, parse_norm
 from revlit.utils import as_float
 
-SUPPORTED_NORMS = (Norm.LINF, Norm.L2)
 
-
-def check_images(x: torch.Tensor, name: str = "images") -> None:
-    """Refuse anything that is not a batch of finite images in [0, 1].
-
-    Args:
-        x: expected float (N, C, H, W) with every value in [0, 1].
-        name: how the error message names the tensor.
-
-    Raises:
-        ValueError: one line saying what is wrong (shape, dtype, NaN/inf, or range).
-    """
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be float in [0, 1], got dtype {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(f"{name} contain {bad} NaN or infinite values; refusing to defend them")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-
-
-def parse_norm(norm: Norm | str) -> Norm:
-    """:meth:`Norm.parse` restricted to the norms the purifiers support (Linf and L2)."""
-    norm = Norm.parse(norm)
-    if norm not in SUPPORTED_NORMS:
-        raise ValueError(f"the defense supports norms l_inf and l_2, got {norm.value}")
-    return norm
-
-
-class RandomNoise:
+class RandomNoise(Defense):
     """Random-noise baseline: ``clip(x + u, 0, 1)`` with u uniform in the ε-ball of ``norm``.
 
     Mao et al. (ICCV 2021) report that random noise of the reverse attack's budget does not
@@ -64,10 +28,13 @@ class RandomNoise:
 
     Args:
         norm: ``l_inf`` (default) or ``l_2``; a :class:`Norm` or its spelling.
-        eps: budget, as a number or a fraction string ("16/255", the reverse attack's default).
+        eps: budget, as a number or a fraction string such as "16/255" (default: the reverse
+            attack's ε_r, :data:`revlit.defenses.base.EPS_R`).
     """
 
-    def __init__(self, norm: Norm | str = Norm.LINF, eps: float | str = 16 / 255) -> None:
+    method = "noise"
+
+    def __init__(self, norm: Norm | str = Norm.LINF, eps: float | str = EPS_R) -> None:
         self.norm = parse_norm(norm)
         self.eps = as_float(eps, "eps")
         if self.eps < 0:
@@ -93,3 +60,6 @@ class RandomNoise:
         """
         check_images(x)
         return random_init(self.norm, x, self.eps, generator)
+
+    def defend(self, x, generator=None, trace=None):
+        return {0: self.purify(x, generator)}, {}

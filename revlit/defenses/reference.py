@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from revlit.attacks.norms import Norm, project, random_init
+from revlit.defenses.reverse import SETTINGS
 
 
 def reference_purify(
@@ -21,11 +22,11 @@ def reference_purify(
     loss,
     views,
     x: torch.Tensor,
-    norm: Norm | str = Norm.LINF,
-    eps: float = 16 / 255,
-    step_size: float = 2 / 255,
-    steps: int = 40,
-    n_views: int = 4,
+    norm: Norm | str = SETTINGS["norm"],
+    eps: float = SETTINGS["eps"],
+    step_size: float = SETTINGS["step_size"],
+    steps: int = SETTINGS["steps"],
+    n_views: int = SETTINGS["n_views"],
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reverse attack of Mao et al. (ICCV 2021), written as plainly as possible.
@@ -35,7 +36,8 @@ def reference_purify(
             (modules must already be in eval mode).
         x: images in [0, 1], (N, 3, H, W).
         norm: ``Norm.LINF`` (signed steps) or ``Norm.L2`` (normalised-gradient steps).
-        eps, step_size, steps, n_views: the budget ε_r, the step, K and V.
+        eps, step_size, steps, n_views: the budget ε_r, the step, K and V (defaults: the
+            purifier's).
         generator: the only source of randomness.
 
     Returns:

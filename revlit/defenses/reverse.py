@@ -22,13 +22,14 @@ Everything here is framework-free; :class:`revlit.modules.defense.DefenseModule`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from revlit.attacks.norms import Norm, l2_step, linf_step, project, random_init
-from revlit.defenses.noise import check_images, parse_norm
+from revlit.defenses.base import EPS_R, Defense, check_images, parse_norm
 from revlit.models.base import frozen_eval
 from revlit.models.fold import fold_batchnorm
 from revlit.models.lean import MaskArena, lean_input_grad
@@ -40,8 +41,15 @@ SELECT = ("last", "best")
 RELU_FLOAT_MB = 384.0
 
 
-class ReversePurifier:
+class ReversePurifier(Defense):
     """Projected descent on a contrastive loss over fresh views (the reverse attack of Mao et al.).
+
+    The settings (``norm`` ... ``relu_float_mb``) are all a YAML config or a notebook needs; the
+    networks can be given here or attached later with :meth:`bind` (DefenseModule does so with
+    the checkpoints it loads)::
+
+        ReversePurifier(classifier=net, head=head)              # ready to purify
+        ReversePurifier(eps="8/255", steps=20).bind(net, head)  # settings first
 
     Args:
         classifier: a :class:`revlit.models.Classifier` (``features(x) -> (N, feature_dim)`` for
@@ -49,44 +57,34 @@ class ReversePurifier:
         head: the SSL projection head, ``head(features) -> z`` (N, out_dim).
         loss: contrastive loss callable ``loss(z, n_views, reduction="none") -> (N,)`` on
             view-major embeddings (e.g. :class:`revlit.losses.ContrastiveLoss`). It must be the
-            loss the head was trained with.
+            loss the head was trained with; ``None``: what :meth:`bind` gives, else the
+            authors' NT-Xent (T = 0.2).
         views: view generator ``views(x, n_views, generator) -> (n_views*N, C, H, W)``,
-            view-major, differentiable w.r.t. x (e.g. :class:`revlit.ssl.views.SimCLRViews`).
-        norm: ``Norm.LINF`` (default, signed-gradient steps) or ``Norm.L2`` (normalised-gradient
-            steps).
-        eps: radius ε_r of the ball (default 16/255, the authors' Linf budget). "16/255" accepted.
-        step_size: step length (default 2/255).
-        steps: number of descent steps (default 40).
-        n_views: views per image per step (default 4).
-        select: ``"last"`` returns the last iterate (the authors' choice); ``"best"`` the iterate
+            view-major, differentiable w.r.t. x (e.g. :class:`revlit.ssl.views.SimCLRViews`);
+            ``None``: what :meth:`bind` gives, else ``SimCLRViews()``.
+        norm: ``l_inf`` (signed-gradient steps) or ``l_2`` (normalised-gradient steps).
+        eps: radius ε_r of the ball (the default is the authors' Linf budget,
+            :data:`revlit.defenses.base.EPS_R`); a number or a fraction such as "16/255".
+        step_size: step length; a number or a fraction.
+        steps: number of descent steps K.
+        n_views: views per image per step V.
+        select: ``last`` returns the last iterate (the authors' choice); ``best`` the iterate
             of lowest recorded loss per example (ties keep the earlier iterate).
-        random_start: start from ``clip(x + u)``, u uniform in the ball (default True).
+        random_start: start from ``clip(x + u)``, u uniform in the ball.
         chunk_size: the backbone runs over at most this many views at a time; the chunks feed
-            one loss and one gradient (keeps allocations small; see DESIGN.md §4). Default 256:
-            ResNet-20's fastest batch here (3 % faster steps than 512, measured); features and
-            gradients are bitwise the same for any chunking.
+            one loss and one gradient (features and gradients are bitwise the same for any
+            chunking; docs/speed.md gives the fastest size measured).
         fold_bn: run the loss through a copy of the classifier with eval-mode BatchNorm folded
             into the convolutions (:func:`revlit.models.fold.fold_batchnorm`): the same function
-            to float rounding, ~1.3x faster input gradients and half the saved activations on
-            ResNet-20. Off by default: signed steps amplify rounding differences (a flip on a
-            ~0 gradient entry moves a pixel by a whole step), so the repaired images are not
-            those of the plain loop pixel for pixel.
-        recompute: bound the memory of a step by the chunk instead of the batch: run the
-            backbone over all views without a graph, take the loss's gradient w.r.t. the
-            features, then re-run each chunk with a graph and back-propagate its part. Costs one
-            extra backbone forward per step; the gradient is the same computation.
-        lean: run the backbone under :func:`revlit.models.lean.lean_input_grad`: conv and
-            eval BatchNorm save nothing for the backward pass and ReLUs a 1-byte mask, so a step
-            keeps ~0.18 MB per view of ResNet-20 activations instead of ~1.5 MB. The input
-            gradient is bitwise the one of the default path (same ATen kernels), so the
-            repaired images are identical.
-        relu_float_mb: with ``lean``, a step keeps its first ReLU outputs, up to this many MiB,
-            as floats (autograd's own ReLU) and masks only beyond: making masks costs 5–16 %
-            of a ResNet-20 forward (paired A/Bs), a float output 4x a mask's memory. Default 384:
-            ResNet-20 at 2 views × 256 images (368 MiB of ReLU outputs) runs on floats only,
-            the authors' 4 × 512 (1.4 GiB) on masks past the first 384 MiB (peak 1.8 GB with
-            512, measured, against the 2 GB target). 0: masks only. The gradient is the same
-            either way (bitwise).
+            to float rounding, faster, but signed steps amplify rounding differences, so the
+            repaired images are not those of the plain loop pixel for pixel.
+        recompute: bound the memory of a step by the chunk instead of the batch (one extra
+            backbone forward per step; the gradient is the same computation).
+        lean: memory-lean input gradients (:func:`revlit.models.lean.lean_input_grad`): conv
+            and eval BatchNorm save nothing for the backward pass and ReLUs a 1-byte mask; the
+            gradient is bitwise that of the default path, so the repaired images are identical.
+        relu_float_mb: with ``lean``, MiB of ReLU outputs a step keeps as floats before it
+            switches to masks (faster, 4x a mask's memory; 0: masks only; the same gradients).
 
     ``purify`` computes gradients w.r.t. the input only (``torch.autograd.grad``), with every
     module in eval mode and its parameters frozen for the duration (modes and ``requires_grad``
@@ -94,14 +92,17 @@ class ReversePurifier:
     All randomness (start, views) comes from the ``generator`` argument.
     """
 
+    method = "reverse"
+    needs_grad = True
+
     def __init__(
         self,
-        classifier: nn.Module,
-        head: nn.Module,
-        loss: Callable[..., torch.Tensor],
-        views: Callable[..., torch.Tensor],
+        classifier: nn.Module | None = None,
+        head: nn.Module | None = None,
+        loss: nn.Module | None = None,
+        views: nn.Module | None = None,
         norm: Norm | str = Norm.LINF,
-        eps: float | str = 16 / 255,
+        eps: float | str = EPS_R,
         step_size: float | str = 2 / 255,
         steps: int = 40,
         n_views: int = 4,
@@ -113,7 +114,7 @@ class ReversePurifier:
         lean: bool = True,
         relu_float_mb: float = RELU_FLOAT_MB,
     ) -> None:
-        self.classifier, self.head, self.loss, self.views = classifier, head, loss, views
+        self.classifier, self.head, self.loss, self.views = None, None, loss, views
         self.fold_bn, self.recompute, self.lean = bool(fold_bn), bool(recompute), bool(lean)
         self._folded: tuple[tuple, nn.Module] | None = None
         # the lean path's ReLU masks: one set of blocks, handed out again at every step
@@ -138,6 +139,36 @@ class ReversePurifier:
         self.random_start, self.chunk_size = bool(random_start), int(chunk_size)
         #: per example, the iterate ``purify`` returned (0 = start, ``steps`` = last); set by purify.
         self.selected_step: torch.Tensor | None = None
+        if classifier is not None or head is not None:
+            self.bind(classifier, head)
+
+    def bind(self, classifier, head, loss=None, views=None) -> ReversePurifier:
+        """Attach the frozen classifier and SSL head; ``loss``/``views`` fill only what is unset.
+
+        A loss or views given at construction (e.g. from YAML) wins over the bound ones, which are
+        those the head was trained with. Returns ``self``.
+        """
+        if classifier is None or head is None:
+            raise ValueError("ReversePurifier needs both a classifier and an SSL head")
+        if self.loss is None or self.views is None:
+            from revlit.losses import make_loss
+            from revlit.ssl.head import HEAD_DEFAULTS
+            from revlit.ssl.views import SimCLRViews
+
+            rec = HEAD_DEFAULTS
+            if self.loss is None:
+                self.loss = loss or make_loss(rec["loss"], rec["temperature"])
+            if self.views is None:
+                self.views = views or SimCLRViews(mode=rec["view_mode"])
+        self.classifier, self.head, self._folded = classifier, head, None
+        return self
+
+    def _require_bound(self) -> None:
+        if self.classifier is None or self.head is None:
+            raise RuntimeError(
+                "ReversePurifier has no networks: construct it with classifier= and head= or "
+                "call bind(classifier, head)"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -164,6 +195,11 @@ class ReversePurifier:
             "relu_float_mb": self.relu_float_mb,
             "view_mode": getattr(self.views, "mode", None),
         }
+
+    def passes_per_image(self) -> int:
+        """Backbone passes of a defended prediction per image: :meth:`view_passes` + 1 forward
+        to classify (the diagnostic SSL losses are not counted)."""
+        return sum(self.view_passes().values()) + 1
 
     def view_passes(self) -> dict[str, int]:
         """Backbone passes per image of one ``purify`` call, counted in views.
@@ -281,6 +317,7 @@ class ReversePurifier:
             generator: source of the views' randomness.
         """
         check_images(x)
+        self._require_bound()
         with frozen_eval(self.classifier, self.head, self.views):
             return self._per_image_loss(x, generator).float()
 
@@ -290,6 +327,20 @@ class ReversePurifier:
         stepper = linf_step if self.norm is Norm.LINF else l2_step
         return project(self.norm, x_cur - stepper(grad, self.step_size), x, self.eps)
 
+    def defend(self, x, generator=None, trace=None):
+        """:class:`revlit.defenses.base.Defense`'s interface: ``({steps: x_def, t: iterate t for t
+        in trace}, {"ssl_steps": (N, steps + 1), "selected_step": (N,)})``.
+
+        ``trace`` needs ``select="last"``: the iterate after t steps of a K-step run is exactly
+        what a t-step run returns (same start, same views: the generator is consumed in the same
+        order), so one run gives the whole cost frontier over K.
+        """
+        x_def, losses, snaps = self._run(x, generator, trace or ())
+        return {**snaps, self.steps: x_def}, {
+            "ssl_steps": losses,
+            "selected_step": self.selected_step,
+        }
+
     def purify(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +349,8 @@ class ReversePurifier:
         Args:
             x: images in [0, 1], float, (N, C, H, W) (possibly adversarial). Not modified.
             generator: the only source of randomness (random start, then the views of every
-                step, in that order); ``None`` uses torch's global CPU generator.
+                step, in that order); ``None`` uses torch's global CPU generator; a list of
+                per-image generators makes every image independent of its batch-mates.
 
         Returns:
             ``(x_repaired, loss_per_step)``: the repaired images (N, C, H, W) in [0, 1] with
@@ -308,8 +360,21 @@ class ReversePurifier:
 
         Raises:
             ValueError: ``x`` is not finite float images in [0, 1].
-            RuntimeError: called under ``torch.inference_mode`` (input gradients are impossible).
+            RuntimeError: called under ``torch.inference_mode`` (input gradients are impossible),
+                or without networks.
         """
+        x_def, losses, _ = self._run(x, generator, ())
+        return x_def, losses
+
+    def _run(
+        self, x: torch.Tensor, generator, trace: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """The descent; also returns the iterates after t steps for t in ``trace``."""
+        want = {int(t) for t in trace}
+        if want and (self.select != "last" or min(want) < 0 or max(want) > self.steps):
+            raise ValueError(f"trace needs select='last' and steps in [0, {self.steps}]")
+        self._require_bound()
+        snaps: dict[int, torch.Tensor] = {}
         check_images(x)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -340,6 +405,8 @@ class ReversePurifier:
                         per = self._per_image_loss(cur, generator)
                 per = per.detach().float()
                 losses[:, t] = per
+                if t in want:
+                    snaps[t] = cur.detach().clone()
                 if best_x is not None:
                     better = per < best_loss
                     best_loss = torch.where(better, per, best_loss)
@@ -349,6 +416,15 @@ class ReversePurifier:
                     cur = self._descend(cur.detach(), grad, x).detach()
         if best_x is None:
             self.selected_step = torch.full((n,), self.steps, dtype=torch.long, device=x.device)
-            return cur, losses
+            return cur, losses, snaps
         self.selected_step = best_step
-        return best_x, losses
+        return best_x, losses, snaps
+
+
+#: the reverse attack's settings and their defaults, read from :class:`ReversePurifier`'s
+#: signature (the one place they are written); the networks are not settings
+SETTINGS = {
+    name: p.default
+    for name, p in inspect.signature(ReversePurifier).parameters.items()
+    if name not in ("classifier", "head", "loss", "views")
+}

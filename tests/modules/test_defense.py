@@ -17,13 +17,20 @@ from revlit.callbacks.defense_writer import DefenseWriter
 from revlit.data.cifar import load_cifar10
 from revlit.data.datamodule import CIFAR10DataModule
 from revlit.data.stored import save_stored_set
+from revlit.defenses import NoDefense, RandomNoise, ReversePurifier
+from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import sha256_file
 from revlit.modules.defense import DefenseModule, single_image_batches
 from revlit.records import FIELDS, load_record
 from revlit.ssl import SimCLRViews, SSLHead, save_head
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = {"steps": 2, "n_views": 2, "viz_images": 4}
+FAST = {"viz_images": 4}
+
+
+def short(**kw) -> ReversePurifier:
+    """A short reverse attack (2 steps, 2 views) for tiny tests."""
+    return ReversePurifier(**{"steps": 2, "n_views": 2, **kw})
 
 
 def write_head(path: Path, classifier: Path, meta: dict | None = None, seed: int = 0) -> Path:
@@ -65,7 +72,7 @@ def datamodule(data_dir, eval_set="clean", n=16, bs=8, **kw) -> CIFAR10DataModul
 
 def test_predict_writes_sorted_predictions_records_and_pictures(tmp_path, tiny_cifar_dir, ckpts):
     clf, head = ckpts
-    module = DefenseModule(str(clf), str(head), defense="reverse", **FAST)
+    module = DefenseModule(str(clf), str(head), defense=short(), **FAST)
     trainer(tmp_path, "run").predict(module, datamodule=datamodule(tiny_cifar_dir, bs=8))
     out = tmp_path / "run"
     pred = torch.load(out / "predictions.pt", weights_only=True)
@@ -94,10 +101,10 @@ def test_predict_writes_sorted_predictions_records_and_pictures(tmp_path, tiny_c
 def test_test_metrics_match_predict_for_the_same_batches(tmp_path, tiny_cifar_dir, ckpts):
     """Same batches and seed -> same numbers, whether via predict or test (metrics)."""
     clf, head = ckpts
-    m1 = DefenseModule(str(clf), str(head), defense="noise", **FAST)
+    m1 = DefenseModule(str(clf), str(head), defense=RandomNoise(), **FAST)
     trainer(tmp_path, "p").predict(m1, datamodule=datamodule(tiny_cifar_dir, bs=8))
     pred = torch.load(tmp_path / "p" / "predictions.pt", weights_only=True)
-    m2 = DefenseModule(str(clf), str(head), defense="noise", **FAST)
+    m2 = DefenseModule(str(clf), str(head), defense=RandomNoise(), **FAST)
     (metrics,) = trainer(tmp_path).test(m2, datamodule=datamodule(tiny_cifar_dir, bs=8))
     label = pred["label"]
     assert metrics["test/acc"] == pytest.approx(float((pred["pred"] == label).float().mean()))
@@ -113,11 +120,11 @@ def test_test_metrics_match_predict_for_the_same_batches(tmp_path, tiny_cifar_di
 def test_ssl_before_and_after_are_paired(tmp_path, tiny_cifar_dir, ckpts):
     """Same views before and after: a defense that changes nothing gives exactly the same loss."""
     clf, head = ckpts
-    module = DefenseModule(str(clf), str(head), defense="noise", eps=0.0, **FAST)
+    module = DefenseModule(str(clf), str(head), defense=RandomNoise(eps=0.0), **FAST)
     x, y = load_cifar10(tiny_cifar_dir, train=False)
     out = module.defend_batch(x[:8].float() / 255, y[:8], torch.arange(8))
     assert torch.equal(out["ssl_after"], out["ssl_before"])
-    noisy = DefenseModule(str(clf), str(head), defense="noise", eps="16/255", **FAST)
+    noisy = DefenseModule(str(clf), str(head), defense=RandomNoise(eps="16/255"), **FAST)
     out2 = noisy.defend_batch(x[:8].float() / 255, y[:8], torch.arange(8))
     assert torch.equal(out2["ssl_before"], out["ssl_before"])
     assert not torch.equal(out2["ssl_after"], out2["ssl_before"])
@@ -125,7 +132,7 @@ def test_ssl_before_and_after_are_paired(tmp_path, tiny_cifar_dir, ckpts):
 
 def test_predict_refuses_inference_mode(tmp_path, tiny_cifar_dir, ckpts):
     clf, head = ckpts
-    module = DefenseModule(str(clf), str(head), **FAST)
+    module = DefenseModule(str(clf), str(head), defense=short(), **FAST)
     t = trainer(tmp_path, "x", inference_mode=True)
     with pytest.raises(ValueError, match="inference_mode false") as e:
         t.predict(module, datamodule=datamodule(tiny_cifar_dir))
@@ -174,7 +181,7 @@ def test_refuses_nan_and_out_of_range_inputs(tmp_path, tiny_cifar_dir, ckpts, co
     save_stored_set(
         tmp_path / "bad", x, y[:8], torch.arange(8), {"classifier_sha256": sha256_file(clf)}
     )
-    module = DefenseModule(str(clf), str(head), **FAST)
+    module = DefenseModule(str(clf), str(head), defense=short(), **FAST)
     with pytest.raises(ValueError, match="NaN" if corrupt == "nan" else r"\[0, 1\]") as e:
         trainer(tmp_path, "bad_out").predict(
             module, datamodule=datamodule(tiny_cifar_dir, str(tmp_path / "bad"), n=8)
@@ -188,7 +195,7 @@ def test_refuses_other_classifiers_sets_and_heads(tmp_path, tiny_cifar_dir, ckpt
     clf, head = ckpts
     other = write_tiny_classifier(tmp_path / "other.pt", seed=5)
     with pytest.raises(ValueError, match="trained on classifier"):
-        DefenseModule(str(other), str(head), **FAST)
+        DefenseModule(str(other), str(head), defense=short(), **FAST)
     x, y = load_cifar10(tiny_cifar_dir, train=False)
     save_stored_set(
         tmp_path / "s",
@@ -197,7 +204,7 @@ def test_refuses_other_classifiers_sets_and_heads(tmp_path, tiny_cifar_dir, ckpt
         torch.arange(8),
         {"classifier_sha256": "ab" * 32},
     )
-    module = DefenseModule(str(clf), str(head), **FAST)
+    module = DefenseModule(str(clf), str(head), defense=short(), **FAST)
     with pytest.raises(ValueError, match="allow_mismatch"):
         trainer(tmp_path, "o").predict(
             module, datamodule=datamodule(tiny_cifar_dir, str(tmp_path / "s"), n=8)
@@ -207,22 +214,38 @@ def test_refuses_other_classifiers_sets_and_heads(tmp_path, tiny_cifar_dir, ckpt
 def test_single_image_batches_refused(tmp_path, tiny_cifar_dir, ckpts):
     assert single_image_batches(17, 4, 2) == [9] and single_image_batches(16, 4, 2) == []
     clf, head = ckpts
-    module = DefenseModule(str(clf), str(head), **FAST)
+    module = DefenseModule(str(clf), str(head), defense=short(), **FAST)
     with pytest.raises(ValueError, match="batch of 1 image"):
         trainer(tmp_path, "one").predict(module, datamodule=datamodule(tiny_cifar_dir, n=9, bs=4))
 
 
-def test_loss_and_views_default_to_the_heads_record(tmp_path, tiny_classifier_ckpt):
+def test_loss_and_views_default_to_the_heads_record(tmp_path, tiny_classifier_ckpt, caplog):
     meta = {"loss": "alignment", "temperature": 0.5, "views": repr(SimCLRViews(mode="per_sample"))}
     head = write_head(tmp_path / "h.pt", tiny_classifier_ckpt, meta=meta)
-    m = DefenseModule(str(tiny_classifier_ckpt), str(head), **FAST)
-    assert (m.loss_name, m.temperature, m.view_mode) == ("alignment", 0.5, "per_sample")
-    m2 = DefenseModule(
-        str(tiny_classifier_ckpt), str(head), loss="nt_xent", view_mode="shared", **FAST
-    )
-    assert (m2.loss_name, m2.view_mode, m2.views.mode) == ("nt_xent", "shared", "shared")
-    with pytest.raises(ValueError, match="defense must be"):
-        DefenseModule(str(tiny_classifier_ckpt), str(head), defense="magic")
+    m = DefenseModule(str(tiny_classifier_ckpt), str(head), defense=short(), **FAST)
+    got = m.defense_settings()
+    assert (got["loss"], got["temperature"], got["view_mode"]) == ("alignment", 0.5, "per_sample")
+    assert (m.defense.loss.name, m.defense.views.mode) == ("alignment", "per_sample")
+    assert m.probe.loss is m.defense.loss and m.probe.views is m.defense.views
+    own = short(loss=ContrastiveLoss("nt_xent"), views=SimCLRViews(mode="shared"))
+    with caplog.at_level("WARNING", logger="revlit"):
+        m2 = DefenseModule(str(tiny_classifier_ckpt), str(head), defense=own, **FAST)
+    assert (m2.defense_settings()["loss"], m2.defense.views.mode) == ("nt_xent", "shared")
+    assert "trained with alignment" in caplog.text
+
+
+def test_no_defense_and_the_default_defense(tmp_path, tiny_cifar_dir, ckpts):
+    clf, head = ckpts
+    m = DefenseModule(str(clf), str(head), defense=NoDefense(), **FAST)
+    x, y = load_cifar10(tiny_cifar_dir, train=False)
+    out = m.defend_batch(x[:8].float() / 255, y[:8], torch.arange(8))
+    assert torch.equal(out["pred_def"], out["pred"]) and (out["delta_linf"] == 0).all()
+    assert m.passes_per_image() == 1 and m.defense_settings()["method"] == "none"
+    assert m.viz["label"].shape == m.viz["pred_def"].shape == (4,)
+    default = DefenseModule(str(clf), str(head))
+    assert isinstance(default.defense, ReversePurifier)
+    assert default.defense.settings()["eps"] == pytest.approx(16 / 255)
+    assert default.passes_per_image() == 41 * 4 + 40 * 4 + 1
 
 
 DDP_CONFIG = """
@@ -233,9 +256,11 @@ model:
   init_args:
     classifier: {clf}
     head: {head}
-    defense: reverse
-    steps: 2
-    n_views: 2
+    defense:
+      class_path: revlit.defenses.ReversePurifier
+      init_args:
+        steps: 2
+        n_views: 2
     seed: 3
 data:
   class_path: revlit.data.datamodule.CIFAR10DataModule
@@ -285,7 +310,7 @@ def test_ddp_two_processes_match_one_process_for_the_same_batches(tmp_path, tiny
         tmp_path / "perm", x[order].float() / 255, y[order], order,
         {"classifier_sha256": sha256_file(clf)},
     )  # fmt: skip
-    module = DefenseModule(str(clf), str(head), defense="reverse", steps=2, n_views=2, seed=3)
+    module = DefenseModule(str(clf), str(head), defense=short(), seed=3)
     dm = datamodule(tiny_cifar_dir, str(tmp_path / "perm"), n=16, bs=4)
     trainer(tmp_path, "one").predict(module, datamodule=dm)
     one = torch.load(tmp_path / "one" / "predictions.pt", weights_only=True)
@@ -295,7 +320,7 @@ def test_ddp_two_processes_match_one_process_for_the_same_batches(tmp_path, tiny
     for k in ("loss", "loss_def", "ssl_before", "ssl_after", "ssl_steps", "delta_l2"):
         torch.testing.assert_close(one[k], ddp[k], rtol=1e-5, atol=1e-6, msg=k)
     # and a different batch composition (batch 8 in one process) really changes the numbers
-    module8 = DefenseModule(str(clf), str(head), defense="reverse", steps=2, n_views=2, seed=3)
+    module8 = DefenseModule(str(clf), str(head), defense=short(), seed=3)
     trainer(tmp_path, "eight").predict(module8, datamodule=datamodule(tiny_cifar_dir, n=16, bs=8))
     eight = torch.load(tmp_path / "eight" / "predictions.pt", weights_only=True)
     assert not torch.allclose(eight["ssl_before"], ddp["ssl_before"])
@@ -326,7 +351,8 @@ def test_the_eight_configs_parse_and_one_runs(tmp_path, tiny_cifar_dir, ckpts, c
         main([
             "predict", "--config", str(REPO / "configs/defense/l_inf_defended.yaml"),
             f"--model.init_args.classifier={clf}", f"--model.init_args.head={head}",
-            "--model.init_args.steps=1", "--model.init_args.n_views=2",
+            "--model.init_args.defense.init_args.steps=1",
+            "--model.init_args.defense.init_args.n_views=2",
             f"--data.init_args.data_dir={tiny_cifar_dir}", "--data.init_args.pgd_root=pgd",
             "--data.init_args.test_subset=8", "--data.init_args.eval_batch_size=4",
             "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
