@@ -1,7 +1,8 @@
 """SSLHeadModule: train the self-supervised head of Mao et al. (ICCV 2021) on a frozen classifier.
 
 Orchestration only: the head, the loss and the views are init arguments (``class_path`` in YAML);
-the algorithm is :func:`revlit.ssl.ssl_loss`. The classifier is loaded from a revlit checkpoint,
+the algorithm is :func:`revlit.ssl.ssl_loss`. The classifier is loaded by
+:func:`revlit.models.load_classifier` (a revlit checkpoint, a user module or a RobustBench model),
 frozen (``requires_grad=False``) and kept in EVAL mode for the whole fit -- Lightning's
 ``model.train()`` cannot flip it (``train`` is overridden) -- so its weights and BatchNorm
 statistics are exactly those of the checkpoint the head is tied to (by sha256) when it is exported.
@@ -28,8 +29,11 @@ class SSLHeadModule(pl.LightningModule):
     """Fit an :class:`SSLHead` with a contrastive loss on views of clean training images.
 
     Args:
-        classifier: path of a revlit classifier checkpoint (frozen, eval mode throughout).
-        head: the head; default ``SSLHead(classifier.feature_dim)`` (256 hidden, 16 out).
+        classifier: a revlit classifier checkpoint, a user module (``{class_path, init_args,
+            weights}``) or ``robustbench:<name>`` (:func:`revlit.models.load_classifier`);
+            frozen, eval mode throughout.
+        head: the head; default ``SSLHead(classifier.feature_dim)`` (256 hidden, 16 out), the
+            feature size read from the loaded classifier.
         loss: the SSL loss; default ``ContrastiveLoss("nt_xent", temperature=0.2)`` (authors').
         views: the view generator; default ``SimCLRViews()`` (authors' views, ``shared`` mode).
         n_views: views per image during training and validation (authors: 2).
@@ -55,7 +59,7 @@ class SSLHeadModule(pl.LightningModule):
 
     def __init__(
         self,
-        classifier: str,
+        classifier: str | dict,
         head: SSLHead | None = None,
         loss: ContrastiveLoss | None = None,
         views: SimCLRViews | None = None,
