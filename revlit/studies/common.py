@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from revlit.defenses import RandomNoise, ReversePurifier
+from revlit.defenses import SETTINGS, RandomNoise, ReversePurifier
 from revlit.defenses.bank import (
     bank_purifier,
     default_bank_path,
     load_bank,
 )
+from revlit.defenses.evaluate import defend_batch
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import load_classifier
 from revlit.seeding import batch_seed, per_image_generators
@@ -207,16 +208,16 @@ class DefenseConfig:
     ``loss``: purification loss (default: the loss the head was trained with).
     """
 
-    steps: int = 40
-    n_views: int = 4
-    eps: float = 16 / 255
-    step_size: float = 2 / 255
+    steps: int = SETTINGS["steps"]
+    n_views: int = SETTINGS["n_views"]
+    eps: float = SETTINGS["eps"]
+    step_size: float = SETTINGS["step_size"]
     batch_size: int = 128
     seed: int = 0
     negatives: str = "batch"
     method: str = "reverse"
     loss: str | None = None
-    chunk_size: int = 256
+    chunk_size: int = SETTINGS["chunk_size"]
 
     def __post_init__(self) -> None:
         if self.negatives not in NEGATIVES:
@@ -276,40 +277,13 @@ def predict(classifier: nn.Module, x: torch.Tensor, batch_size: int = 512) -> to
 def purify_traced(
     purifier: ReversePurifier, x: torch.Tensor, generator, at_steps: Sequence[int]
 ) -> dict[int, torch.Tensor]:
-    """The iterates after ``t`` steps for every ``t`` in ``at_steps``, from ONE purify call.
-
-    With ``select="last"`` and no step schedule, the iterate after t steps of a K-step run is
-    exactly what a t-step run returns (same start, same views: the generator is consumed in the
-    same order), so the cost frontier over K needs only the longest run. The iterates are read by
-    wrapping the purifier's projected step on this instance for the duration of the call
-    (checked against independent short runs in ``tests/studies``).
-    """
-    if purifier.select != "last":
-        raise ValueError("purify_traced needs select='last'")
+    """The iterates after ``t`` steps for every ``t`` in ``at_steps``, from ONE purify call
+    (:meth:`ReversePurifier.defend` with ``trace``; needs ``select="last"``)."""
     want = sorted({int(t) for t in at_steps})
     if not want or want[0] < 0 or want[-1] > purifier.steps:
         raise ValueError(f"trace steps must lie in [0, {purifier.steps}], got {want}")
-    snaps: dict[int, torch.Tensor] = {}
-    original = purifier._descend
-    count = 0
-
-    def traced(x_cur, grad, x0):
-        nonlocal count
-        if count == 0 and 0 in want:
-            snaps[0] = x_cur.detach().clone()
-        new = original(x_cur, grad, x0)
-        count += 1
-        if count in want:
-            snaps[count] = new.detach().clone()
-        return new
-
-    purifier._descend = traced
-    try:
-        x_rep, _ = purifier.purify(x, generator)
-    finally:
-        del purifier._descend
-    snaps[purifier.steps] = x_rep
-    return {t: snaps[t] for t in want}
+    images, _ = purifier.defend(x, generator, want)
+    return {t: images[t] for t in want}
 
 
 @dataclass
@@ -336,44 +310,37 @@ def defend(
 ) -> DefenseResult:
     """Classify ``split`` without and with the defense ``cfg`` (batches of ``cfg.batch_size``).
 
-    With in-batch negatives the randomness is DefenseModule's (per-batch generator, one draw of
-    views for the input's SSL loss, then the defense), so its defended predictions are
-    identical; with the bank each image has its own generator.
+    Runs :func:`revlit.defenses.evaluate.defend_batch`, the loop DefenseModule runs (same
+    per-batch seeding; the bank gives each image its own generator), without the SSL-loss probe.
 
     Args:
-        trace: also classify the iterates after these step counts (see :func:`purify_traced`).
+        trace: also classify the iterates after these step counts (one purify call per batch).
         progress: called with a short status line after every batch.
         keep_images: also return the defended images (memory: N x 12 KB per traced step).
     """
-    pred = predict(parts.classifier, split.x)
-    purifier = make_purifier(parts, cfg) if cfg.method == "reverse" else None
-    noise = RandomNoise(eps=cfg.eps) if cfg.method == "noise" else None
-    keys = sorted(set(trace or []) | {cfg.steps}) if purifier else [0]
-    hits: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
-    kept: dict[int, list[torch.Tensor]] = {k: [] for k in keys}
+    if cfg.method == "reverse":
+        defense = make_purifier(parts, cfg)
+    else:
+        defense = RandomNoise(eps=cfg.eps)
+    hits: dict[int, list[torch.Tensor]] = {}
+    kept: dict[int, list[torch.Tensor]] = {}
+    plain: list[torch.Tensor] = []
     t0 = time.perf_counter()
     n = len(split)
     for s in range(0, n, cfg.batch_size):
         xb, yb, ib = (t[s : s + cfg.batch_size] for t in (split.x, split.y, split.idx))
-        # DefenseModule's batch generator feeds the defense alone (its SSL-loss diagnostics draw
-        # from a generator of their own), so the row equals `python -m revlit.evaluate`'s.
-        gen = generators(cfg, ib)
-        if noise is not None:
-            outs = {0: noise.purify(xb, gen)}
-        elif trace:
-            outs = purify_traced(purifier, xb, gen, keys)
-        else:
-            outs = {cfg.steps: purifier.purify(xb, gen)[0]}
-        for k, xd in outs.items():
-            hits[k].append(predict(parts.classifier, xd) == yb)
+        res = defend_batch(parts.classifier, defense, xb, yb, ib, cfg.seed, trace=trace)
+        plain.append(res.rows["pred"] == yb)
+        for k, pred in res.preds.items():
+            hits.setdefault(k, []).append(pred == yb)
             if keep_images:
-                kept[k].append(xd.detach().cpu())
+                kept.setdefault(k, []).append(res.images[k].detach().cpu())
         if progress is not None:
             progress(f"{split.name} {min(s + cfg.batch_size, n)}/{n}")
     seconds = time.perf_counter() - t0
     images = {k: torch.cat(v) for k, v in kept.items()} if keep_images else None
     return DefenseResult(
-        pred == split.y, {k: torch.cat(v) for k, v in hits.items()}, seconds, images
+        torch.cat(plain), {k: torch.cat(v) for k, v in sorted(hits.items())}, seconds, images
     )
 
 
