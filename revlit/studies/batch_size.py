@@ -21,10 +21,12 @@ import argparse
 
 import torch
 
+from revlit.defenses import SETTINGS
 from revlit.studies.common import (
     DefenseConfig,
     StudyOutput,
     bootstrap_ci,
+    budget_text,
     defend,
     describe_sets,
     figure,
@@ -60,8 +62,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "subset such as 1,512 saves time and still checks that)",
     )
     p.add_argument("--ref-batch", type=int, default=128, help="B where bank vs batch is compared")
-    p.add_argument("--steps", type=int, default=40, help="purifier steps K")
-    p.add_argument("--views", type=int, default=4, help="views V")
+    p.add_argument("--steps", type=int, default=SETTINGS["steps"], help="purifier steps K")
+    p.add_argument("--views", type=int, default=SETTINGS["n_views"], help="views V")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=2000)
 
@@ -272,7 +274,7 @@ def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
     caption = (
         f"n = {n_eff} test images (clean, and the stored transfer set {info['sets']}); "
         f"default head ({info['loss']}, T={info['temperature']}, views {info['view_mode']}); purifier "
-        f"K={args.steps} steps, V={v} views, ε_r=16/255, step 2/255, seed {args.seed} (per batch for "
+        f"K={args.steps} steps, V={v} views, {budget_text()}, seed {args.seed} (per batch for "
         f"the authors' loss, per image for the bank). An anchor sees V−1 positives and (B−1)·V "
         f"negatives with the authors' loss, M bank negatives with the bank. Error bars: 95 % bootstrap CI over images. "
         f"Classifier {info['classifier_sha256'][:12]}, head {info['head_sha256'][:12]}"

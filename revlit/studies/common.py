@@ -256,6 +256,11 @@ def make_purifier(parts: Parts, cfg: DefenseConfig) -> ReversePurifier:
     )
 
 
+def budget_text(eps: float = SETTINGS["eps"], step_size: float = SETTINGS["step_size"]) -> str:
+    """``ε_r=16/255, step 2/255`` for captions, from the given (default: the purifier's) values."""
+    return f"ε_r={eps * 255:.3g}/255, step {step_size * 255:.3g}/255"
+
+
 def generators(cfg: DefenseConfig, idx: torch.Tensor, seed: int | None = None):
     """The randomness of one batch: per-image generators (bank) or one per batch (batch)."""
     seed = cfg.seed if seed is None else seed
@@ -621,6 +626,7 @@ __all__ = [
     "apply_quick",
     "batch_seed",
     "bootstrap_ci",
+    "budget_text",
     "defend",
     "describe_sets",
     "figure",

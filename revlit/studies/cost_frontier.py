@@ -20,10 +20,12 @@ import argparse
 
 import torch
 
+from revlit.defenses import SETTINGS
 from revlit.studies.common import (
     DefenseConfig,
     StudyOutput,
     bootstrap_ci,
+    budget_text,
     defend,
     describe_sets,
     figure,
@@ -150,8 +152,8 @@ def measure(args: argparse.Namespace, ctx: Context, out: StudyOutput) -> dict:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "n_boot": args.n_boot,
-        "eps": 16 / 255,
-        "step_size": 2 / 255,
+        "eps": SETTINGS["eps"],
+        "step_size": SETTINGS["step_size"],
         "seconds_per_image": {f"{nm}_V{v}": sec for (nm, v), sec in seconds.items()},
         "classifier_sha256": parts.classifier_info["sha256"],
         "head_sha256": parts.head_info["sha256"],
@@ -235,7 +237,7 @@ def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
     caption = (
         f"n = {settings['n']} test images (clean, and the stored transfer set {info['sets']}), "
         f"one purifier seed ({settings['seed']}, per batch), purification batch "
-        f"{settings['batch_size']}, ε_r = 16/255, step 2/255, {info['loss']} "
+        f"{settings['batch_size']}, {budget_text()}, {info['loss']} "
         f"T={info['temperature']}, views {info['view_mode']}; K=0 = random start only (noise "
         f"baseline). Error bars: 95 % bootstrap CI over images ({settings['n_boot']} resamples). "
         f"Classifier {info['classifier']}, head {info['head']}."

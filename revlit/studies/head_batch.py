@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 
+from revlit.defenses import SETTINGS
 from revlit.studies.common import (
     DefenseConfig,
     StudyOutput,
     bootstrap_ci,
+    budget_text,
     figure,
     fmt_ci,
     markdown_table,
@@ -58,8 +60,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--out-dim", type=int, default=16)
     p.add_argument("--seeds", default="0", help="purifier seeds")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--steps", type=int, default=SETTINGS["steps"])
+    p.add_argument("--views", type=int, default=SETTINGS["n_views"])
     p.add_argument("--batch-size", type=int, default=128, help="purification batch")
     p.add_argument("--draws", type=int, default=2, help="view draws for the SSL loss means")
     p.add_argument("--n-boot", type=int, default=2000)
@@ -225,8 +227,8 @@ def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
         f"n = {info['n']} test images (clean, and the stored transfer set "
         f"{info['sets']}). Heads {args.hidden}→{args.out_dim}, {args.loss}, 2 views, Adam "
         f"lr {args.lr:g}, seed {args.head_seed}, {args.budget} training images each "
-        f"(steps = budget / batch). Purifier K={args.steps}, V={args.views}, ε_r=16/255, step "
-        f"2/255, batch {args.batch_size}, seeds {seeds}. Error bars: 95 % bootstrap CI over images. "
+        f"(steps = budget / batch). Purifier K={args.steps}, V={args.views}, {budget_text()}, "
+        f"batch {args.batch_size}, seeds {seeds}. Error bars: 95 % bootstrap CI over images. "
         f"Classifier {info['classifier_sha256'][:12]}."
     )
     out.save_figure(fig, caption)

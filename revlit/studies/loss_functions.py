@@ -11,7 +11,7 @@ and seed (:mod:`revlit.studies.heads`), and the study reports
   paired difference (does the attack raise the loss the defense descends?);
 * the accuracy gained by the defense (defended − undefended) on clean and Linf, mean ± std over
   ``--seeds`` purifier seeds, with a 95 % bootstrap interval over images;
-* the random-noise baseline of the same budget (uniform in the 16/255 ball) as a reference line.
+* the random-noise baseline of the same budget (uniform in the ε_r ball) as a reference line.
 
 Training a head with the alignment loss alone has no force pushing images apart (a constant
 embedding has loss 0), so it is expected to collapse; the study measures what that does, and adds
@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 
+from revlit.defenses import SETTINGS
 from revlit.studies.common import (
     DefenseConfig,
     StudyOutput,
     bootstrap_ci,
+    budget_text,
     figure,
     fmt_ci,
     markdown_table,
@@ -80,8 +82,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--out-dim", type=int, default=16)
     p.add_argument("--seeds", default="0,1,2", help="purifier seeds")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--views", type=int, default=4)
+    p.add_argument("--steps", type=int, default=SETTINGS["steps"])
+    p.add_argument("--views", type=int, default=SETTINGS["n_views"])
     p.add_argument("--batch-size", type=int, default=128, help="purification batch")
     p.add_argument("--draws", type=int, default=2, help="view draws for the SSL loss means")
     p.add_argument("--n-boot", type=int, default=2000)
@@ -256,7 +258,7 @@ def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
             f"differs only in the purification loss at V={args.views} views."
         )
     findings.append(
-        "Noise baseline (uniform in the 16/255 ball): "
+        f"Noise baseline (uniform in the {SETTINGS['eps'] * 255:.3g}/255 ball): "
         + "; ".join(
             f"{labels[nm]} {fmt_ci(noise_row[f'{nm}_gain_mean'], *noise_row[f'{nm}_gain_ci'])} pp"
             for nm in names
@@ -315,7 +317,7 @@ def report(state: dict, out: StudyOutput, ctx: Context) -> dict:
         f"classifier with the same budget ({args.budget} images = batch {args.head_batch} x "
         f"{max(1, args.budget // args.head_batch)} steps), Adam lr {args.lr:g}, {args.train_views} "
         f"views, seed "
-        f"{args.head_seed}. Purifier K={args.steps}, V={args.views}, ε_r=16/255, step 2/255, batch "
+        f"{args.head_seed}. Purifier K={args.steps}, V={args.views}, {budget_text()}, batch "
         f"{args.batch_size}, seeds {seeds}. SSL losses: mean of {args.draws} view draws, batch "
         f"{args.batch_size}. Classifier {info['classifier_sha256'][:12]}."
     )
