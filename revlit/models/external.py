@@ -16,8 +16,8 @@ contract:
 
 Classifier specs (:func:`load_external`; :func:`revlit.models.load_classifier` dispatches to it):
 
-* ``{"class_path": "pkg.module.Net", "init_args": {...}, "weights": "net.pt"}`` or the string
-  ``"pkg.module.Net:net.pt"``: the user's class, built with ``init_args`` and loaded with the
+* ``{"class_path": "pkg.module.Net", "init_args": {...}, "weights": "net.pt"}`` (a mapping, or
+  the same as a JSON string), or the string ``"pkg.module.Net:net.pt"`` (no ``init_args``): the user's class, built with ``init_args`` and loaded with the
   state dict in ``weights`` (a plain state dict, or a dict with a ``"state_dict"`` entry; loaded
   with ``weights_only=True``, strictly). The class path is whatever the user writes on the command
   line or in YAML; no class path is ever read from a weights file.
@@ -36,6 +36,7 @@ checked with ``sha256sum``.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -184,7 +185,7 @@ def is_external_spec(spec: Any) -> bool:
         return True
     if not isinstance(spec, str):
         return False
-    if spec.startswith(ROBUSTBENCH_PREFIX):
+    if spec.startswith(ROBUSTBENCH_PREFIX) or spec.lstrip().startswith("{"):
         return True
     return _split_class_spec(spec) is not None
 
@@ -355,7 +356,16 @@ def load_robustbench(spec: str | dict) -> tuple[ExternalClassifier, dict]:
 
 
 def load_external(spec: str | dict) -> tuple[ExternalClassifier, dict]:
-    """Load a user module or a RobustBench model from its spec (see the module docstring)."""
+    """Load a user module or a RobustBench model from its spec (see the module docstring).
+
+    A string holding a JSON object is read as the mapping form (a command-line value such as
+    ``--model.init_args.classifier='{"class_path": ..., "weights": ...}'``).
+    """
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"classifier spec is not valid JSON: {e}") from None
     if isinstance(spec, str) and spec.startswith(ROBUSTBENCH_PREFIX):
         return load_robustbench(spec)
     if isinstance(spec, dict):
