@@ -93,6 +93,8 @@ class PartStore:
             return []
         out = []
         for p in sorted(self.folder.glob("*.pt")):
+            if ".tmp" in p.name:
+                continue
             try:
                 obj = torch.load(p, map_location="cpu", weights_only=True)
             except Exception:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
+from typing import NoReturn
 
 
 def as_float(value: float | int | str, name: str = "value") -> float:
@@ -28,3 +31,29 @@ def as_float(value: float | int | str, name: str = "value") -> float:
     if not math.isfinite(out):
         raise ValueError(f"{name} must be finite, got {value}")
     return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one line (``prog: error: ...``), exit 2.
+
+    The full usage stays available with ``--help``.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (the error names the bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse

@@ -12,7 +12,6 @@ with the default budgets and steps and per-example seeding (the same noise as th
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from revlit.attacks.losses import get_loss
 from revlit.attacks.norms import (
     DEFAULT_EPS,
     L1_TOPK_DEFAULT,
@@ -29,9 +29,9 @@ from revlit.attacks.norms import (
     example_generators,
     lp_norm,
 )
-from revlit.attacks.pgd import pgd_attack
+from revlit.attacks.pgd import pgd_attack, resolve_args
 from revlit.io import atomic_write_json
-from revlit.utils import as_float
+from revlit.utils import ArgumentParser, as_float, int_at_least
 
 
 def evaluate(
@@ -145,20 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     from revlit.io import git_commit
     from revlit.models.checkpoint import load_classifier
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m revlit.attacks.table", description=__doc__.split("\n\n")[0])
     p.add_argument("--classifier", default="checkpoints/resnet20_at.pt")
-    p.add_argument("--n", type=int, default=1000, help="first N CIFAR-10 test images")
-    p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 50])
+    p.add_argument("--n", type=int_at_least(1), default=1000, help="first N CIFAR-10 test images")
+    p.add_argument("--steps", type=int_at_least(0), nargs="+", default=[5, 10, 50])
     p.add_argument("--norms", nargs="+", default=["l_1", "l_2", "l_inf"])
     p.add_argument("--eps-l1", default=None)
     p.add_argument("--eps-l2", default=None)
     p.add_argument("--eps-linf", default=None)
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--restarts", type=int_at_least(1), default=1)
     p.add_argument("--loss", default="ce")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--l1-topk", type=float, default=L1_TOPK_DEFAULT)
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=250)
+    p.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's)"
+    )
     p.add_argument(
         "--data-dir", default=None, help="CIFAR-10 folder (default $REVLIT_DATA_DIR or data/)"
     )
@@ -166,18 +168,24 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="JSON output (default results/attacks/table_<classifier>.json)"
     )
     a = p.parse_args(argv)
-    try:
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        if a.n < 1 or any(s < 0 for s in a.steps):
-            raise ValueError("--n must be >= 1 and --steps >= 0")
+    try:  # every check before any attack runs
         norms = [Norm.parse(v) for v in a.norms]
         eps = {}
         for norm, v in ((Norm.L1, a.eps_l1), (Norm.L2, a.eps_l2), (Norm.LINF, a.eps_linf)):
             if v is not None:
                 eps[norm] = as_float(v, f"eps ({norm})")
+        for norm in norms:
+            resolve_args(norm, eps.get(norm), None, max(a.steps), a.restarts)
+        get_loss(a.loss)
+        if not 0.0 < a.l1_topk <= 1.0:
+            raise ValueError(f"--l1-topk must be in (0, 1], got {a.l1_topk}")
+        out = Path(a.out or f"results/attacks/table_{Path(a.classifier).stem}.json")
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give a .json file")
         model, info = load_classifier(a.classifier)
         x, y = load_cifar10(a.data_dir or default_data_dir(), train=False)
+        if a.threads:
+            torch.set_num_threads(a.threads)
     except (ValueError, FileNotFoundError) as e:
         print(f"revlit: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
@@ -188,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     table = markdown(rows)
     print(table)
-    out = Path(a.out or f"results/attacks/table_{Path(a.classifier).stem}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "classifier": a.classifier,
         "classifier_sha256": info["sha256"],

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -138,11 +137,13 @@ class RankMergeWriter(BasePredictionWriter):
         self.settings = run_settings(trainer, pl_module)
         self._previous, self._used, self.merged = None, [], None
         self.check_output(self.settings)
-        key = self.settings if self.settings is not None else {"unique": uuid.uuid4().hex}
-        self.store = PartStore(self.staging_dir() / "parts", key)
+        # without settings nothing may be reused: one key, emptied first
+        self.store = PartStore(self.staging_dir() / "parts", self.settings or {"settings": None})
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             self.store.prune()  # parts of other settings are never reused
+            if self.settings is None:
+                self.store.clear()
         trainer.strategy.barrier()
 
     def lookup(self, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
