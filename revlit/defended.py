@@ -92,8 +92,8 @@ class DefendedClassifier(nn.Module):
         """Logits (N, num_classes) of the purified images; gradient per ``self.gradient``."""
         x_def = self.purify(x)
         if self.gradient == "bpda" and x.requires_grad:
-            # value x_def, derivative w.r.t. x the identity: the classifier's gradient at x_def
-            x_def = x + (x_def - x).detach()
+            # value exactly x_def (x - x.detach() is 0), derivative w.r.t. x the identity
+            x_def = x_def + (x - x.detach())
         return self.classifier(x_def)
 
     def extra_repr(self) -> str:
