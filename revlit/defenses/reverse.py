@@ -122,10 +122,15 @@ class ReversePurifier(Defense):
         self.norm = parse_norm(norm)
         self.eps = as_float(eps, "eps")
         self.step_size = as_float(step_size, "step_size")
-        if self.eps < 0 or self.step_size < 0:
-            raise ValueError(f"eps and step_size must be >= 0, got {self.eps}, {self.step_size}")
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps}")
+        if not (self.eps > 0 and self.step_size > 0):
+            raise ValueError(
+                f"eps and step_size must be > 0 (else nothing is reversed), got {self.eps}, "
+                f"{self.step_size}"
+            )
+        if int(steps) != steps or steps < 1:
+            raise ValueError(
+                f"steps must be an integer >= 1 (else nothing is reversed), got {steps}"
+            )
         if int(n_views) != n_views or n_views < 2:
             raise ValueError(f"n_views must be an integer >= 2 (a contrastive loss), got {n_views}")
         if select not in SELECT:

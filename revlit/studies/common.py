@@ -413,7 +413,8 @@ def ssl_scores(
     ``batch``: in-batch negatives (batches of the split itself); ``bank``: the head's bank
     (batch-independent). Seeds: draw d uses seed ``seed * 1000 + d`` per batch / per image.
     """
-    cfg = DefenseConfig(steps=0, n_views=n_views, batch_size=batch_size, negatives=negatives)
+    # only the purifier's SSL loss is used (no step is taken)
+    cfg = DefenseConfig(steps=1, n_views=n_views, batch_size=batch_size, negatives=negatives)
     cfg.loss = loss
     purifier = make_purifier(parts, cfg)
     total = torch.zeros(len(split))

@@ -110,6 +110,10 @@ def test_best_never_worse_than_last_and_returns_the_recorded_iterate():
     assert (sel < 6).any(), "with noisy views some example should prefer an earlier iterate"
     # the returned image of each example is iterate sel[i]: rerun the same trajectory for k steps
     for k in sel.unique().tolist():
+        if k == 0:  # iterate 0, the start, is what a traced 'last' run holds at t = 0
+            snaps, _ = last.defend(x, gen(3), trace=[0])
+            torch.testing.assert_close(x_best[sel == 0], snaps[0][sel == 0], rtol=0, atol=0)
+            continue
         pk = ReversePurifier(clf, head, loss, SimCLRViews(), select="last", **{**kw, "steps": k})
         x_k, _ = pk.purify(x, gen(3))
         rows = sel == k
@@ -191,3 +195,19 @@ def test_refuses_inference_mode_and_bad_settings():
     ]:
         with pytest.raises(ValueError, match=match):
             ReversePurifier(clf, head, loss, SimCLRViews(), **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"steps": -3}, "steps must be an integer >= 1"),
+        ({"step_size": 0}, "eps and step_size must be > 0"),
+        ({"eps": 0}, "eps and step_size must be > 0"),
+        ({"step_size": "-2/255"}, "eps and step_size must be > 0"),
+    ],
+)
+def test_a_reverse_defense_that_reverses_nothing_is_refused(kw, words):
+    with pytest.raises(ValueError, match=words) as e:
+        ReversePurifier(**kw)
+    assert "\n" not in str(e.value)
