@@ -205,3 +205,40 @@ def load_stored_set(folder: str | os.PathLike, verify: bool = True) -> StoredSet
     check_images(images, f"stored set {folder}")
     check_rows(labels, indices, f"stored set {folder}")
     return StoredSet(images, labels.long(), indices.long(), meta)
+
+
+def check_stored_sets(
+    names: list[str],
+    pgd_root: str | os.PathLike,
+    classifier_sha256: str | None = None,
+    allow_mismatch: bool = False,
+) -> dict[str, StoredSet]:
+    """Load and check every requested stored set at once, before any model runs.
+
+    Args:
+        names: set names under ``pgd_root`` or folder paths (``"clean"`` is skipped).
+        pgd_root: folder of the stored sets.
+        classifier_sha256: the classifier the sets must have been made against (None: any).
+        allow_mismatch: accept sets made against another classifier.
+
+    Returns:
+        ``{name: StoredSet}`` for every stored set.
+
+    Raises:
+        StoredSetNotFound / StoredSetError: one line naming the first missing, corrupt or foreign
+            set and the fix.
+    """
+    out = {}
+    for name in names:
+        if name == "clean":
+            continue
+        folder = Path(name) if Path(name).exists() else Path(pgd_root) / name
+        st = load_stored_set(folder)
+        made_for = st.meta.get("classifier_sha256")
+        if classifier_sha256 and made_for not in (None, classifier_sha256) and not allow_mismatch:
+            raise StoredSetError(
+                f"stored set '{name}' was made against classifier {str(made_for)[:12]}, not "
+                f"{classifier_sha256[:12]}; remake it for this classifier or pass allow_mismatch"
+            )
+        out[name] = st
+    return out

@@ -192,3 +192,20 @@ def test_datamodule_serves_a_stored_set_and_refuses_another_classifier(tmp_path)
     missing = CIFAR10DataModule(eval_set="absent", pgd_root=str(tmp_path / "pgd"))
     with pytest.raises(FileNotFoundError):
         missing.setup("test")
+
+
+def test_check_stored_sets_finds_every_problem_before_any_work(tmp_path):
+    from revlit.data.stored import check_stored_sets
+
+    images, labels, indices, meta = _set()
+    save_stored_set(tmp_path / "a", images, labels, indices, meta)
+    save_stored_set(
+        tmp_path / "b", images, labels, indices, {**meta, "classifier_sha256": "b" * 64}
+    )
+    got = check_stored_sets(["clean", "a"], tmp_path, "a" * 64)
+    assert list(got) == ["a"] and len(got["a"]) == 10
+    msg = _one_line_error(StoredSetError, lambda: check_stored_sets(["a", "b"], tmp_path, "a" * 64))
+    assert "'b'" in msg and "allow_mismatch" in msg
+    assert len(check_stored_sets(["b"], tmp_path, "a" * 64, allow_mismatch=True)) == 1
+    msg = _one_line_error(StoredSetNotFound, lambda: check_stored_sets(["a", "zz"], tmp_path))
+    assert "zz" in msg
