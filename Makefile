@@ -65,15 +65,16 @@ ssl: install
 rst: install
 	$(PY) -m revlit.models.rst $(RST) checkpoints/wrn28_10_rst.pt
 
-## make adaptive: attack the defended classifier itself (transfer / defense-aware / BPDA+EOT rows, per-example
-## worst case, eps-sweep PNG, convergence check); table + JSON records under results/adaptive_<preset>/.
-## Default: the README's CPU run, cpu500 (n=500 table, ~45 min here) then cpu_checks (n=100 sweep and
-## convergence, ~15 min). ADAPTIVE=cheap (n=64, all in one) or ADAPTIVE=full (GPU preset); ADAPTIVE_N=<n> overrides n.
-ADAPTIVE ?= cpu500 cpu_checks
+## make adaptive: attack the defended classifier through the deployed purifier (transfer, defense-aware and BPDA+EOT
+## attacks, cheapest first, each on the images still unbroken; per-image worst case beside the static APGD reference);
+## table, JSON records and plots under results/adaptive/<preset>/. Default: table (n=1000), then convergence (n=200:
+## doubling check and eps sweep). ADAPTIVE=cheap (20x4 purifier), bank (bank purifier) or smoke (16 images);
+## ADAPTIVE_N=<n> overrides n.
+ADAPTIVE ?= table convergence
 adaptive: install
 	@for c in $(ADAPTIVE); do \
 	  echo "== make adaptive: configs/adaptive/$$c.yaml"; \
-	  $(RUN) cli.py test --config configs/adaptive/$$c.yaml $(if $(ADAPTIVE_N),--data.init_args.test_subset $(ADAPTIVE_N)) || exit 1; \
+	  $(RUN) cli.py predict --config configs/adaptive/$$c.yaml $(if $(ADAPTIVE_N),--data.init_args.test_subset $(ADAPTIVE_N)) || exit 1; \
 	done
 
 ## make studies: the five studies at their configs/studies/ settings, one at a time (results/studies/<study>/,

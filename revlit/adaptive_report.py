@@ -1,16 +1,21 @@
-"""The adaptive-evaluation report: table, 95 % intervals, ε sweep plot, convergence check, verdict.
+"""The adaptive evaluation's statistics: table rows, 95 % intervals, paired difference, ε sweep,
+convergence check, verdict, and the two plots. Framework-free.
 
-Framework-free helpers for :class:`revlit.modules.adaptive.AdaptiveModule` (issue 9). They work on
-the module's merged per-example outputs, a dict of tensors whose first dimension is the example,
-with one group of keys per evaluated attack ("row") ``<row>.<field>``:
+They read the merged per-example outputs of :func:`revlit.attacks.cascade.adaptive_batch`, a dict of
+tensors whose first dimension is the example, with one group of keys per attack row
+``<row>.<field>`` (rows in the order they ran, cheapest first):
 
-- ``static``  (N,) bool: the undefended classifier is right on the attack's final point;
+- ``attacked`` (N,) bool: the row attacked the example (with the cascade, only unbroken examples);
+- ``static``  (N,) bool: the undefended classifier is right on the row's point;
 - ``draws``   (N, r) bool: the defended classifier is right in each of r fresh deployed draws;
 - ``ce``      (N, r) float: its cross-entropy in each draw;
-- ``broken_iter`` (N,) bool: the *deployed* defense misclassified some attack iterate (only ever
-  True when the attack ran the deployed purifier);
-- ``passes`` (N,) float: backbone passes spent on the example (attack + evaluation);
-- ``seconds`` (N,) float: compute seconds spent on the example.
+- ``broken_iter`` (N,) bool: the deployed purifier misclassified an attack iterate;
+- ``passes`` / ``seconds`` (N,) float: backbone passes and seconds the row spent, per example;
+
+and ``final.robust`` (N,) bool, the per-example worst case over all rows. With the cascade a row
+that did not attack an example carries the example's worst point so far, so each row is the worst
+case after the attacks up to it. Rows ``sweep<i>/<row>`` and ``conv_<what>/<row>`` (with their own
+``final.robust``) hold the ε sweep and the convergence variants.
 
 Accuracies are fractions in [0, 1]. Worst case (Carlini et al. 2019): an example is robust only if
 no evaluation draw and no counted iterate misclassified it; it is never above the mean over draws.
@@ -27,29 +32,22 @@ import torch
 
 from revlit.io import atomic_path
 
-#: the rows of the issue's table, in order (the per-example worst case is added after them)
-ROWS = (
-    "transfer_pgd",
-    "transfer_apgd",
-    "defense_aware",
-    "bpda_pgd",
-    "bpda_apgd_ce",
-    "bpda_apgd_dlr",
-)
-#: the second target (a fixed-seed, deterministic purifier): reported, not in the worst case
-EXTRA_ROWS = ("bpda_fixed_seed",)
 WORST = "worst_case"
+#: the static reference: the undefended classifier under APGD-CE + APGD-DLR
+REFERENCE = "transfer_apgd_ce_dlr"
 LABELS = {
     "transfer_pgd": "transfer PGD",
-    "transfer_apgd": "transfer APGD-CE+DLR",
+    "transfer_apgd_ce": "transfer APGD-CE",
+    "transfer_apgd_dlr": "transfer APGD-DLR",
+    REFERENCE: "transfer APGD-CE+DLR",
     "defense_aware": "defense-aware PGD",
     "bpda_pgd": "BPDA+EOT PGD",
     "bpda_apgd_ce": "BPDA+EOT APGD-CE",
     "bpda_apgd_dlr": "BPDA+EOT APGD-DLR",
-    "bpda_fixed_seed": "BPDA APGD-CE, fixed-seed purifier",
     WORST: "worst case over all rows",
 }
-FIELDS = ("static", "draws", "ce", "broken_iter", "passes", "seconds")
+#: the convergence variants: what is doubled
+VARIANTS = ("iterations", "eot", "restarts", "draws")
 Z95 = 1.959963984540054
 
 
@@ -79,6 +77,7 @@ class RowSummary:
     name: str
     label: str
     n: int
+    attacked: int
     draws: int
     static: float
     mean: float
@@ -95,14 +94,20 @@ class RowSummary:
         return d
 
 
-def has_row(merged: dict[str, torch.Tensor], row: str) -> bool:
-    """Whether ``merged`` holds the outputs of ``row``."""
-    return f"{row}.draws" in merged
+def row_names(merged: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """The rows under ``prefix`` (``""``: the table's), in the order they ran."""
+    out = []
+    for key in merged:
+        if key.startswith(prefix) and key.endswith(".draws"):
+            name = key[len(prefix) : -len(".draws")]
+            if "/" not in name:
+                out.append(name)
+    return out
 
 
 def row_robust(merged: dict[str, torch.Tensor], row: str) -> torch.Tensor:
     """Per-example worst-case robustness of a row: right in every draw, never broken (N,) bool."""
-    return merged[f"{row}.draws"].all(1) & ~merged[f"{row}.broken_iter"].bool()
+    return merged[f"{row}.draws"].bool().all(1) & ~merged[f"{row}.broken_iter"].bool()
 
 
 def summarize_row(
@@ -112,85 +117,75 @@ def summarize_row(
     draws = merged[f"{row}.draws"].bool()
     n, r = draws.shape
     static = merged[f"{row}.static"].bool()
-    robust = row_robust(merged, row)
-    ks, kw = int(static.sum()), int(robust.sum())
+    ks, kw = int(static.sum()), int(row_robust(merged, row).sum())
+    attacked = merged.get(f"{row}.attacked", torch.ones(n, dtype=torch.bool))
     return RowSummary(
-        name=row,
-        label=label or LABELS.get(row, row),
-        n=n,
-        draws=r,
-        static=ks / n,
-        mean=float(draws.double().mean()),
-        worst=kw / n,
-        loss=float(merged[f"{row}.ce"].double().mean()),
+        name=row, label=label or LABELS.get(row.rsplit("/", 1)[-1], row), n=n,
+        attacked=int(attacked.sum()), draws=r, static=ks / n, mean=float(draws.double().mean()),
+        worst=kw / n, loss=float(merged[f"{row}.ce"].double().mean()),
         passes_per_image=float(merged[f"{row}.passes"].double().mean()),
         seconds_per_image=float(merged[f"{row}.seconds"].double().mean()),
-        static_ci=wilson_interval(ks, n),
-        worst_ci=wilson_interval(kw, n),
-    )
+        static_ci=wilson_interval(ks, n), worst_ci=wilson_interval(kw, n),
+    )  # fmt: skip
 
 
-def summarize_worst(merged: dict[str, torch.Tensor], rows: Sequence[str]) -> RowSummary:
-    """The per-example worst case over ``rows``.
+def summarize_worst(merged: dict[str, torch.Tensor], prefix: str = "") -> RowSummary:
+    """The per-example worst case over the rows under ``prefix``.
 
-    static: right under every row's static point; mean: per example the lowest fraction of correct
-    draws over the rows, averaged; worst: robust in every row; passes/seconds: summed over rows.
+    static: right under every row's point; mean: per example the lowest fraction of correct draws
+    over the rows, averaged; worst: ``final.robust``; passes/seconds: summed over the rows.
     """
-    rows = [r for r in rows if has_row(merged, r)]
+    rows = [prefix + r for r in row_names(merged, prefix)]
     if not rows:
         raise ValueError("no rows to take the worst case over")
     static = torch.stack([merged[f"{r}.static"].bool() for r in rows]).all(0)
-    robust = torch.stack([row_robust(merged, r) for r in rows]).all(0)
+    robust = merged[f"{prefix}final.robust"].bool()
     per = torch.stack([merged[f"{r}.draws"].double().mean(1) for r in rows]).amin(0)
     ce = torch.stack([merged[f"{r}.ce"].double().mean(1) for r in rows]).amax(0)
     n = len(static)
     ks, kw = int(static.sum()), int(robust.sum())
     return RowSummary(
-        name=WORST,
-        label=LABELS[WORST],
-        n=n,
-        draws=min(int(merged[f"{r}.draws"].shape[1]) for r in rows),
-        static=ks / n,
-        mean=float(per.mean()),
-        worst=kw / n,
-        loss=float(ce.mean()),
+        name=WORST, label=LABELS[WORST], n=n, attacked=n,
+        draws=min(int(merged[f"{r}.draws"].shape[1]) for r in rows), static=ks / n,
+        mean=float(per.mean()), worst=kw / n, loss=float(ce.mean()),
         passes_per_image=sum(float(merged[f"{r}.passes"].double().mean()) for r in rows),
         seconds_per_image=sum(float(merged[f"{r}.seconds"].double().mean()) for r in rows),
-        static_ci=wilson_interval(ks, n),
-        worst_ci=wilson_interval(kw, n),
-    )
+        static_ci=wilson_interval(ks, n), worst_ci=wilson_interval(kw, n),
+    )  # fmt: skip
 
 
 def summarize_table(merged: dict[str, torch.Tensor]) -> list[RowSummary]:
-    """The issue's table: every row present, the worst case over :data:`ROWS`, then extra rows."""
-    out = [summarize_row(merged, r) for r in ROWS if has_row(merged, r)]
-    if out:
-        out.append(summarize_worst(merged, [s.name for s in out]))
-    out += [summarize_row(merged, r) for r in EXTRA_ROWS if has_row(merged, r)]
-    return out
+    """The table: every row in the order it ran, then the per-example worst case."""
+    rows = [summarize_row(merged, r) for r in row_names(merged)]
+    return rows + [summarize_worst(merged)] if rows else rows
 
 
 def _pct(v: float) -> str:
     return f"{100 * v:6.2f}"
 
 
-def format_table(rows: Sequence[RowSummary], title: str = "") -> str:
+def format_table(rows: Sequence[RowSummary], title: str = "", cascade: bool = True) -> str:
     """The table as markdown (accuracies in %, 95 % Wilson intervals for static and worst case)."""
     head = (
-        "| attack | static acc. % | defended acc. % (mean over draws) | defended worst case % "
-        "| backbone passes / image |\n|---|---:|---:|---:|---:|\n"
+        "| attack | images attacked | static acc. % | defended acc. % (mean over draws) "
+        "| defended worst case % | backbone passes / image |\n|---|---:|---:|---:|---:|---:|\n"
     )
-    lines = []
-    for s in rows:
-        lines.append(
-            f"| {s.label} | {_pct(s.static)} [{100 * s.static_ci[0]:.1f}, {100 * s.static_ci[1]:.1f}] "
-            f"| {_pct(s.mean)} | {_pct(s.worst)} [{100 * s.worst_ci[0]:.1f}, "
-            f"{100 * s.worst_ci[1]:.1f}] | {s.passes_per_image:.0f} |"
-        )
-    n = rows[0].n if rows else 0
-    r = rows[0].draws if rows else 0
+    lines = [
+        f"| {s.label} | {s.attacked} | {_pct(s.static)} [{100 * s.static_ci[0]:.1f}, "
+        f"{100 * s.static_ci[1]:.1f}] | {_pct(s.mean)} | {_pct(s.worst)} "
+        f"[{100 * s.worst_ci[0]:.1f}, {100 * s.worst_ci[1]:.1f}] | {s.passes_per_image:.0f} |"
+        for s in rows
+    ]
+    n, r = (rows[0].n, rows[0].draws) if rows else (0, 0)
+    how = (
+        "attacks ran cheapest first, each only on images no earlier attack broke; a row is the "
+        "worst case after the attacks up to it"
+        if cascade
+        else "every attack ran on every image"
+    )
     foot = (
-        f"\nn = {n} images, r = {r} evaluation draws of the deployed purifier; "
+        f"\nn = {n} images, r = {r} evaluation draws of the deployed purifier; {how}; "
+        "passes = backbone passes actually spent, per image of the test set; "
         "[lo, hi] = 95 % Wilson interval.\n"
     )
     return (f"{title}\n\n" if title else "") + head + "\n".join(lines) + "\n" + foot
@@ -198,26 +193,17 @@ def format_table(rows: Sequence[RowSummary], title: str = "") -> str:
 
 # ----------------------------------------------------------------------------- ε sweep
 def sweep_points(merged: dict[str, torch.Tensor], eps_list: Sequence[float]) -> list[dict]:
-    """Accuracy of the defended model under the sweep attack at each ε (keys ``sweep<i>.*``)."""
+    """The defended model under the sweep attack at each ε (rows ``sweep<i>/<row>``)."""
     out = []
     for i, eps in enumerate(eps_list):
-        row = f"sweep{i}"
-        if not has_row(merged, row):
+        names = row_names(merged, f"sweep{i}/")
+        if not names:
             continue
-        s = summarize_row(merged, row, f"ε = {eps * 255:.3g}/255")
-        out.append(
-            {
-                "eps": float(eps),
-                "eps_255": float(eps) * 255,
-                "static": s.static,
-                "mean": s.mean,
-                "worst": s.worst,
-                "worst_ci": list(s.worst_ci),
-                "n": s.n,
-                "draws": s.draws,
-                "passes_per_image": s.passes_per_image,
-            }
-        )
+        s = summarize_row(merged, f"sweep{i}/{names[0]}", f"ε = {eps * 255:.3g}/255")
+        out.append({"eps": float(eps), "eps_255": float(eps) * 255, "attack": names[0],
+                    "static": s.static, "mean": s.mean, "worst": s.worst,
+                    "worst_ci": list(s.worst_ci), "n": s.n, "draws": s.draws,
+                    "passes_per_image": s.passes_per_image})  # fmt: skip
     return out
 
 
@@ -265,82 +251,102 @@ def plot_sweep(points: Sequence[dict], path: str | Path, title: str = "") -> Pat
 
 
 # ------------------------------------------------------------------------- convergence
-def convergence_check(
-    merged: dict[str, torch.Tensor],
-    base: str,
-    variants: dict[str, str],
-    threshold: float = 0.01,
-) -> dict:
-    """Does doubling the budget move the worst-case accuracy by less than ``threshold``?
-
-    Args:
-        merged: merged outputs.
-        base: the row whose budget was doubled (e.g. ``bpda_apgd_ce``).
-        variants: ``{what was doubled: row key}``, e.g. ``{"iterations": "conv_steps"}``.
-        threshold: largest allowed change of the worst-case accuracy (0.01 = one point).
+def convergence_check(merged: dict[str, torch.Tensor], threshold: float = 0.01) -> dict | None:
+    """Does doubling each budget (iterations, EOT draws m, restarts, evaluation draws r) move the
+    worst case by less than ``threshold`` (0.01 = one point)?
 
     Returns:
-        ``{"base", "base_worst", "threshold", "n", "variants": {name: {"worst", "delta",
-        "moved_by_examples"}}, "converged"}`` where ``converged`` is True only if every variant
-        moved the worst case by less than the threshold (a variant that was not run makes it None).
-        With n examples one example moves the accuracy by 1/n: below n = 100 a single example
-        already exceeds one point.
+        ``{"base_worst", "threshold", "n", "variants": {what: {"worst", "worst_ci", "delta",
+        "examples_changed"}}, "converged"}`` (None without variants): ``converged`` is True iff
+        every variant moved the worst case by less than the threshold (None if one is missing).
+        With n examples one example moves the accuracy by 1/n: below n = 100 one example already
+        exceeds a point.
     """
-    b = summarize_row(merged, base)
-    out: dict = {"base": base, "base_worst": b.worst, "threshold": threshold, "n": b.n}
-    res = {}
-    ok: bool | None = True
-    for name, key in variants.items():
-        if not has_row(merged, key):
-            res[name] = None
-            ok = None if ok is not False else ok
+    if not any(f"conv_{v}/final.robust" in merged for v in VARIANTS):
+        return None
+    base = merged["final.robust"].bool()
+    n = int(base.numel())
+    out: dict = {"base_worst": float(base.double().mean()), "threshold": threshold, "n": n}
+    res, ok = {}, True
+    for what in VARIANTS:
+        key = f"conv_{what}/final.robust"
+        if key not in merged:
+            res[what], ok = None, (None if ok else ok)
             continue
-        v = summarize_row(merged, key)
-        delta = v.worst - b.worst
-        changed = int((row_robust(merged, key) != row_robust(merged, base)).sum())
-        res[name] = {"worst": v.worst, "delta": delta, "examples_changed": changed}
+        v = merged[key].bool()
+        k = int(v.sum())
+        delta = (k - int(base.sum())) / n
+        res[what] = {"worst": k / n, "worst_ci": list(wilson_interval(k, n)), "delta": delta,
+                     "examples_changed": int((v != base).sum())}  # fmt: skip
         if abs(delta) >= threshold:
             ok = False
-    out["variants"] = res
-    out["converged"] = ok
+    out["variants"], out["converged"] = res, ok
     return out
 
 
+def plot_convergence(conv: dict, path: str | Path, title: str = "") -> Path:
+    """PNG: the worst case of the base budget and of each doubled budget, with 95 % intervals and
+    the ±1-point band around the base (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = {"iterations": "iterations", "eot": "EOT draws m", "restarts": "restarts",
+             "draws": "evaluation draws r"}  # fmt: skip
+    names = ["base budget"] + [f"2× {label[w]}" for w, v in conv["variants"].items() if v]
+    vals = [conv["base_worst"]] + [v["worst"] for v in conv["variants"].values() if v]
+    cis = [wilson_interval(round(conv["base_worst"] * conv["n"]), conv["n"])]
+    cis += [tuple(v["worst_ci"]) for v in conv["variants"].values() if v]
+    fig, ax = plt.subplots(figsize=(6.0, 3.4), dpi=120)
+    ys = list(range(len(names)))[::-1]
+    b = 100 * conv["base_worst"]
+    ax.axvspan(b - 100 * conv["threshold"], b + 100 * conv["threshold"], color="C2", alpha=0.15,
+               label=f"base ± {100 * conv['threshold']:.0f} point")  # fmt: skip
+    for y, v, (lo, hi) in zip(ys, vals, cis, strict=True):
+        ax.errorbar(100 * v, y, xerr=[[100 * (v - lo)], [100 * (hi - v)]], fmt="o", color="C0",
+                    capsize=3)  # fmt: skip
+        ax.annotate(f"{100 * v:.1f} %", (100 * v, y), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=8)  # fmt: skip
+    ax.set_yticks(ys, names)
+    ax.set_ylim(-0.6, len(names) - 0.2)
+    ax.set_xlabel("defended worst-case accuracy (%), 95 % Wilson interval")
+    verdict = "converged" if conv["converged"] else "NOT converged"
+    ax.set_title(title or f"Convergence (n = {conv['n']}): {verdict}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return p
+
+
 # ------------------------------------------------------------------------------- verdict
-def paired_difference(
-    merged: dict[str, torch.Tensor], rows: Sequence[str] = ROWS, static_row: str = "transfer_apgd"
-) -> dict | None:
+def paired_difference(merged: dict[str, torch.Tensor], static_row: str = REFERENCE) -> dict | None:
     """Defended worst case minus static APGD accuracy on the SAME images, with a paired 95 % CI.
 
-    Per image: ``a`` = robust under every row of ``rows`` and every evaluation draw (the worst
-    case), ``b`` = the undefended classifier right on ``static_row``'s static point (APGD-CE +
-    APGD-DLR). The difference of the two accuracies is (n_ab̄ − n_āb) / n; its interval is the
-    normal approximation for paired proportions (variance (n_ab̄ + n_āb − (n_ab̄ − n_āb)²/n) / n²),
-    tighter than comparing two unpaired intervals because both are measured on the same images.
+    Per image: ``a`` = ``final.robust`` (the defended worst case), ``b`` = the undefended
+    classifier right on ``static_row``'s point (APGD-CE + APGD-DLR). The difference of the two
+    accuracies is (n_ab̄ − n_āb) / n; its interval is the normal approximation for paired
+    proportions (variance (n_ab̄ + n_āb − (n_ab̄ − n_āb)²/n) / n²).
 
     Returns:
         ``{"n", "defended_worst", "static", "difference", "ci", "only_defended", "only_static"}``
         (fractions), or None when a needed row is missing.
     """
-    rows = [r for r in rows if has_row(merged, r)]
-    if not rows or not has_row(merged, static_row):
+    if "final.robust" not in merged or f"{static_row}.static" not in merged:
         return None
-    a = torch.stack([row_robust(merged, r) for r in rows]).all(0)
-    b = merged[f"{static_row}.static"].bool()
+    a, b = merged["final.robust"].bool(), merged[f"{static_row}.static"].bool()
     n = int(a.numel())
     b_only, c_only = int((a & ~b).sum()), int((~a & b).sum())
     d = (b_only - c_only) / n
-    var = max(b_only + c_only - (b_only - c_only) ** 2 / n, 0.0) / n**2
-    half = Z95 * math.sqrt(var)
-    return {
-        "n": n,
-        "defended_worst": float(a.double().mean()),
-        "static": float(b.double().mean()),
-        "difference": d,
-        "ci": [d - half, d + half],
-        "only_defended": b_only,
-        "only_static": c_only,
-    }
+    half = Z95 * math.sqrt(max(b_only + c_only - (b_only - c_only) ** 2 / n, 0.0) / n**2)
+    return {"n": n, "defended_worst": float(a.double().mean()), "static": float(b.double().mean()),
+            "difference": d, "ci": [d - half, d + half], "only_defended": b_only,
+            "only_static": c_only}  # fmt: skip
 
 
 def verdict(
@@ -349,38 +355,28 @@ def verdict(
     sweep_reaches_zero_: bool | None = None,
     paired: dict | None = None,
 ) -> str:
-    """A plain-words verdict: adaptive defended accuracy vs. static APGD accuracy, with intervals.
-
-    Compares the per-example worst case over all rows (what a user can count on) with the
-    undefended classifier's accuracy under APGD-CE + APGD-DLR (the static reference), and adds the
-    caveats of the convergence check and the ε sweep when they failed.
-    """
+    """A plain-words verdict: the defended worst case vs. the static APGD accuracy, with intervals,
+    and the caveats of the convergence check and the ε sweep when they failed."""
     by = {s.name: s for s in rows}
-    worst = by.get(WORST)
-    static = by.get("transfer_apgd")
+    worst, static = by.get(WORST), by.get(REFERENCE)
     if worst is None or static is None:
         return "verdict unavailable: the worst-case row and the static APGD row are both needed."
 
     def fmt(p: float, ci: tuple[float, float]) -> str:
         return f"{100 * p:.1f} % (95 % CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f} %)"
 
-    transfer = max((by[r].mean for r in ("transfer_pgd", "transfer_apgd") if r in by), default=None)
     lines = [
-        f"Adaptive evaluation on n = {worst.n} CIFAR-10 test images (Linf): the defended model "
-        f"keeps {fmt(worst.worst, worst.worst_ci)} of the images against the strongest attack per "
-        f"image (worst case over all attacks and {worst.draws} evaluation draws), while the "
-        f"undefended classifier keeps {fmt(static.static, static.static_ci)} under APGD-CE + "
-        "APGD-DLR."
+        f"Adaptive evaluation on n = {worst.n} CIFAR-10 test images: the defended model keeps "
+        f"{fmt(worst.worst, worst.worst_ci)} of the images against the strongest attack per image "
+        f"(worst case over all attacks and {worst.draws} evaluation draws), while the undefended "
+        f"classifier keeps {fmt(static.static, static.static_ci)} under APGD-CE + APGD-DLR."
     ]
-    overlap = not (
-        worst.worst_ci[0] > static.static_ci[1] or worst.worst_ci[1] < static.static_ci[0]
-    )
     if paired is not None:
         lo, hi = paired["ci"]
         lines.append(
             f"Paired on the same images, defended worst case minus static APGD: "
-            f"{100 * paired['difference']:+.1f} points (95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
-            f"{paired['only_defended']} images survive only with the defense, "
+            f"{100 * paired['difference']:+.1f} points (95 % CI {100 * lo:+.1f} to {100 * hi:+.1f};"
+            f" {paired['only_defended']} images survive only with the defense, "
             f"{paired['only_static']} only without it)."
         )
         if lo > 0:
@@ -392,27 +388,18 @@ def verdict(
                 "The paired interval contains 0: the defense is not measurably more robust than "
                 "the classifier alone."
             )
-    elif overlap:
+    transfer = [s.mean for s in rows if s.name.startswith("transfer_")]
+    if transfer and max(transfer) > worst.worst:
         lines.append(
-            "The two intervals overlap: at this n the defense is not measurably more robust than "
-            "the classifier alone."
-        )
-    elif worst.worst > static.static:
-        lines.append(
-            "The defended worst case is above the static interval: the defense adds robustness "
-            "that these adaptive attacks did not remove (check the ε sweep and convergence)."
-        )
-    else:
-        lines.append("The defended worst case is below the static accuracy: the defense hurts.")
-    if transfer is not None and transfer > worst.worst:
-        lines.append(
-            f"Transfer attacks (computed on the undefended classifier) report up to "
-            f"{100 * transfer:.1f} % defended accuracy; that number overstates robustness."
+            f"Transfer attacks (computed on the undefended classifier) alone report up to "
+            f"{100 * max(transfer):.1f} % defended accuracy (mean over draws); that overstates "
+            "robustness."
         )
     if converged is False:
         lines.append(
-            "The attacks had not converged (doubling iterations, EOT samples or restarts moved "
-            "the worst case by 1 point or more): the true worst case may be lower still."
+            "The attacks had not converged (doubling iterations, EOT draws, restarts or "
+            "evaluation draws moved the worst case by 1 point or more): the true worst case may "
+            "be lower still."
         )
     if sweep_reaches_zero_ is False:
         lines.append(
@@ -429,14 +416,14 @@ def verdict(
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m revlit.adaptive_report OUTPUTS.pt``: table, paired difference and verdict again.
 
-    Re-reads the merged per-example outputs a run saved (``<output_dir>/outputs.pt``); nothing is
+    Re-reads the merged per-example outputs a run saved (``<output_dir>/predictions.pt``); nothing is
     recomputed with the models, so it is instant and gives the same rows as the run.
     """
     import argparse
     import json
 
     p = argparse.ArgumentParser(prog="python -m revlit.adaptive_report", description=main.__doc__)
-    p.add_argument("outputs", help="outputs.pt written by an AdaptiveModule run")
+    p.add_argument("outputs", help="predictions.pt written by an adaptive evaluation")
     args = p.parse_args(argv)
     path = Path(args.outputs)
     if not path.is_file():
@@ -444,9 +431,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     merged = torch.load(path, weights_only=True)
     rows = summarize_table(merged)
     paired = paired_difference(merged)
+    conv = convergence_check(merged)
     print(format_table(rows))
-    print(json.dumps({"paired_difference": paired}, indent=1))
-    print(verdict(rows, paired=paired))
+    print(json.dumps({"paired_difference": paired, "convergence": conv}, indent=1))
+    print(verdict(rows, conv["converged"] if conv else None, paired=paired))
 
 
 if __name__ == "__main__":

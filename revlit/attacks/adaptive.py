@@ -28,9 +28,9 @@ Attacks (threat model: Linf or L2 ball of radius ε around the clean image, ∩ 
 Bookkeeping (Carlini et al. 2019, "On Evaluating Adversarial Robustness"): a point is *broken* if
 the defended classifier misclassified it at any attack iterate or in any evaluation draw. The final
 points are evaluated with r fresh draws of the deployed purifier (:func:`evaluate_defense`);
-:func:`summarize` reports the mean accuracy over the draws and that worst case (never above the
-mean). The purifier inside the attack may be a cheaper one (fewer steps and views, as Croce et al.
-used); iterate breaks only count toward the worst case when the attack ran the deployed purifier,
+:mod:`revlit.adaptive_report` reports the mean accuracy over the draws and that worst case (never
+above the mean); :mod:`revlit.attacks.cascade` runs the attacks. The purifier inside the attack
+may be a cheaper one (fewer steps and views, as Croce et al. used); iterate breaks only count toward the worst case when the attack ran the deployed purifier,
 because a break of a different purifier is no break of the deployed defense.
 """
 
@@ -436,58 +436,3 @@ def evaluate_defense(
             correct.append(logits.argmax(1) == y)
             ce.append(get_loss("ce")(logits, y))
     return torch.stack(correct), torch.stack(ce)
-
-
-@dataclass
-class Summary:
-    """Accuracies of one attack on the defended model (fractions in [0, 1]).
-
-    Attributes:
-        n: examples.
-        static: accuracy of the undefended classifier on the attack's points.
-        mean: defended accuracy averaged over the r evaluation draws.
-        worst: fraction of examples never broken (no draw, and no iterate when counted).
-        robust: per-example worst-case robustness, (N,) bool.
-        mean_per_example: per-example fraction of correct draws, (N,).
-    """
-
-    n: int
-    static: float
-    mean: float
-    worst: float
-    robust: torch.Tensor
-    mean_per_example: torch.Tensor
-
-
-def summarize(
-    static_correct: torch.Tensor,
-    draws_correct: torch.Tensor,
-    broken_at_iterates: torch.Tensor | None = None,
-) -> Summary:
-    """Mean-over-draws and worst-case defended accuracy.
-
-    Args:
-        static_correct: (N,) bool, the undefended classifier right on the attack's point.
-        draws_correct: (r, N) bool, e.g. the first output of :func:`evaluate_defense`.
-        broken_at_iterates: (N,) bool, the *deployed* defense misclassified some attack iterate
-            (``None`` when the attack did not run the deployed purifier).
-
-    The worst case is never above the mean: an example counted robust is right in every draw.
-    """
-    if draws_correct.dim() != 2 or draws_correct.shape[1] != len(static_correct):
-        raise ValueError(
-            f"draws_correct must be (r, N={len(static_correct)}), got {tuple(draws_correct.shape)}"
-        )
-    robust = draws_correct.all(0)
-    if broken_at_iterates is not None:
-        robust = robust & ~broken_at_iterates.to(torch.bool)
-    per = draws_correct.float().mean(0)
-    n = len(static_correct)
-    return Summary(
-        n=n,
-        static=float(static_correct.float().mean()) if n else float("nan"),
-        mean=float(per.mean()) if n else float("nan"),
-        worst=float(robust.float().mean()) if n else float("nan"),
-        robust=robust,
-        mean_per_example=per,
-    )
