@@ -10,9 +10,37 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
+
+#: Lightning's messages that tell a revlit user nothing they can act on: adverts, the hardware
+#: census (the progress bar names the device) and the seed line (the records hold the seed)
+NOISE = ("💡 Tip", "GPU available", "TPU available", "HPU available", "Seed set to")
+#: framework deprecation and advice lines about Lightning's own internals or settings revlit chose
+#: on purpose (e.g. no dataloader workers: the data are in memory)
+IGNORED_WARNINGS = (
+    r".*treespec.*LeafSpec.*deprecated.*",
+    r".*does not have many workers.*",
+    r".*is deprecated.*(torch|lightning).*",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(NOISE)
+
+
+def quiet() -> None:
+    """Keep Lightning's output to what a user can act on (idempotent)."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for target in [lg, *lg.handlers]:
+            if not any(isinstance(f, _DropNoise) for f in target.filters):
+                target.addFilter(_DropNoise())
+    for pattern in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 class RevlitCLI(LightningCLI):
@@ -54,6 +82,10 @@ def main(args: list[str] | None = None) -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("revlit").setLevel(logging.INFO)
+    quiet()
+    argv = sys.argv
+    if args is not None:  # called from Python: the args ARE the command line
+        sys.argv = argv[:1]
     try:
         RevlitCLI(
             pl.LightningModule,
@@ -78,6 +110,8 @@ def main(args: list[str] | None = None) -> None:
         msg = text.splitlines()[0] if text else type(e).__name__
         print(f"revlit: error: {msg}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        sys.argv = argv
 
 
 def _has_omegaconf() -> bool:

@@ -261,7 +261,10 @@ def _header(args, records: list[dict], skipped: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from revlit.cli import quiet
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet()
     args = build_parser().parse_args(argv)
     try:
         evaluate(args)

@@ -111,6 +111,32 @@ def test_cli_test_reports_accuracy_of_the_checkpoint(
     assert list((in_tmp / "logs").glob("default/version_*/config.yaml"))
 
 
+def test_output_has_no_adverts_and_no_args_warning(in_tmp, tiny_cifar_dir, tiny_classifier_ckpt):
+    """Called from Python (as the demo does) while sys.argv holds the caller's own options."""
+    args = _test_args(tiny_classifier_ckpt, tiny_cifar_dir)
+    code = (
+        "import sys; sys.argv = ['python -m revlit.demo', '--n', '16']\n"
+        "from revlit.cli import main\n"
+        f"main({args!r})\n"
+        "assert sys.argv == ['python -m revlit.demo', '--n', '16'], sys.argv\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=in_tmp, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert "test/acc" in said
+    for noise in (
+        "💡",
+        "litlogger",
+        "GPU available",
+        "Seed set to",
+        "args parameter",
+        "deprecated",
+    ):
+        assert noise not in said, noise
+
+
 def _exit_2_one_line(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as e:
         main(args)

@@ -40,3 +40,18 @@ def test_perturbation_is_rescaled_to_be_visible():
     d[0, 1, 0, 0] = -0.005
     img = perturbation_to_image(d)
     assert img[0, 0, 0, 0] == 1.0 and img[0, 1, 0, 0] == 0.25 and (img[1] == 0.5).all()
+
+
+def test_defense_grid_captions_say_the_truth_and_both_predictions(tmp_path):
+    from revlit.callbacks.defense_viz import RIGHT, WRONG, prediction_captions
+
+    label, before, after = torch.tensor([0, 3, 5]), torch.tensor([0, 9, 1]), torch.tensor([2, 3, 5])
+    cols, caps = prediction_captions(label, before, after)
+    assert cols == ["true airplane", "true cat", "true dog"]
+    assert caps[0] == [("pred airplane", RIGHT), ("pred truck", WRONG), ("pred automobile", WRONG)]
+    assert caps[1] is None  # the perturbation row
+    assert caps[2] == [("pred bird", WRONG), ("pred cat", RIGHT), ("pred dog", RIGHT)]
+    x = torch.rand(3, 3, 8, 8)
+    path = save_grid_png([x, x, x], ["a", "b", "c"], tmp_path / "g.png", col_titles=cols,
+                         captions=caps)  # fmt: skip
+    assert path.stat().st_size > 0
