@@ -26,7 +26,7 @@ class AttackModule(pl.LightningModule):
     """Attack each predict batch with PGD and return the adversarial images.
 
     Args:
-        classifier: revlit classifier checkpoint (:func:`revlit.models.load_classifier`).
+        classifier: any classifier spec of :func:`revlit.models.load_classifier`.
         norm: ``l_inf``, ``l_2`` or ``l_1`` (also ``linf``/``l2``/``l1``).
         eps: budget; a number or a fraction string ("8/255"); default 8/255, 0.5, 12 by norm.
         step_size: step; default ε/4 for every norm, see
@@ -46,7 +46,7 @@ class AttackModule(pl.LightningModule):
 
     def __init__(
         self,
-        classifier: str = "checkpoints/resnet20_at.pt",
+        classifier: str | dict = "checkpoints/resnet20_at.pt",
         norm: str = "l_inf",
         eps: float | str | None = None,
         step_size: float | str | None = None,
@@ -77,8 +77,8 @@ class AttackModule(pl.LightningModule):
         for p in net.parameters():
             p.requires_grad_(False)
         self.net = net.to(memory_format=torch.channels_last).eval()
-        self.classifier_path = classifier
-        stem = classifier.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        self.classifier_path = self.classifier_info["path"]  # the weights file, for any spec
+        stem = self.classifier_path.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
         self.set_name = set_name or f"{stem}_{self.norm.value}"
 
     # ---------------------------------------------------------------- description

@@ -46,7 +46,7 @@ class DefenseModule(pl.LightningModule):
     """Evaluate a classifier without and with a test-time defense (``predict`` and ``test``).
 
     Args:
-        classifier: revlit classifier checkpoint (:func:`revlit.models.load_classifier`).
+        classifier: any classifier spec of :func:`revlit.models.load_classifier`.
         head: SSL head checkpoint trained on that classifier (:func:`revlit.ssl.load_head`).
         defense: the defense and its settings; default ``ReversePurifier()`` at its defaults.
             A reverse attack without its own ``loss``/``views`` gets the head's recorded ones.
@@ -58,7 +58,7 @@ class DefenseModule(pl.LightningModule):
 
     def __init__(
         self,
-        classifier: str,
+        classifier: str | dict,
         head: str,
         defense: Defense | None = None,
         seed: int = 0,
