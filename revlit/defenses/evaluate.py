@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revlit.defenses.base import Defense, check_images
+from revlit.models.precision import full_precision
 from revlit.seeding import batch_generator, diagnostic_generator, per_image_generators
 from revlit.ssl.head import ssl_loss
 
@@ -71,8 +72,12 @@ class BatchResult:
 
 @torch.no_grad()
 def classify(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None):
-    """Predictions (N,) and, with labels, per-example cross-entropy (N,) of images in [0, 1]."""
-    logits = classifier(x.contiguous(memory_format=torch.channels_last)).float()
+    """Predictions (N,) and, with labels, per-example cross-entropy (N,) of images in [0, 1].
+
+    The decision is float32 with autocast off, whatever precision the defense ran in.
+    """
+    with full_precision(x.device):
+        logits = classifier(x.contiguous(memory_format=torch.channels_last)).float()
     ce = F.cross_entropy(logits, y, reduction="none") if y is not None else None
     return logits.argmax(1), ce
 

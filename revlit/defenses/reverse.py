@@ -33,6 +33,7 @@ from revlit.defenses.base import EPS_R, Defense, check_images, parse_norm
 from revlit.models.base import frozen_eval
 from revlit.models.fold import fold_batchnorm
 from revlit.models.lean import MaskArena, lean_input_grad
+from revlit.models.precision import autocast_to, check_precision, compute_dtype, full_precision
 from revlit.ssl.head import ssl_loss
 from revlit.utils import as_float
 
@@ -85,6 +86,12 @@ class ReversePurifier(Defense):
             gradient is bitwise that of the default path, so the repaired images are identical.
         relu_float_mb: with ``lean``, MiB of ReLU outputs a step keeps as floats before it
             switches to masks (faster, 4x a mask's memory; 0: masks only; the same gradients).
+        precision: the dtype the backbone and head compute in (:mod:`revlit.models.precision`):
+            ``None`` follows the surrounding autocast (Lightning's ``--trainer.precision``, or
+            a ``torch.autocast`` around the call; float32 without one), ``"32"``, ``"bf16"``,
+            ``"16"``, or ``"auto"`` (bf16 where the hardware has it). Whatever it is, the views,
+            the loss, the step, the projection onto the ε_r-ball and the [0, 1] box run in
+            float32 with autocast off.
 
     ``purify`` computes gradients w.r.t. the input only (``torch.autograd.grad``), with every
     module in eval mode and its parameters frozen for the duration (modes and ``requires_grad``
@@ -113,6 +120,7 @@ class ReversePurifier(Defense):
         recompute: bool = False,
         lean: bool = True,
         relu_float_mb: float = RELU_FLOAT_MB,
+        precision: str | None = None,
     ) -> None:
         self.classifier, self.head, self.loss, self.views = None, None, loss, views
         self.fold_bn, self.recompute, self.lean = bool(fold_bn), bool(recompute), bool(lean)
@@ -140,6 +148,7 @@ class ReversePurifier(Defense):
         if not relu_float_mb >= 0:
             raise ValueError(f"relu_float_mb must be >= 0, got {relu_float_mb}")
         self.relu_float_mb = float(relu_float_mb)
+        self.precision = check_precision(precision)
         self.steps, self.n_views, self.select = int(steps), int(n_views), select
         self.random_start, self.chunk_size = bool(random_start), int(chunk_size)
         #: per example, the iterate ``purify`` returned (0 = start, ``steps`` = last); set by purify.
@@ -199,6 +208,7 @@ class ReversePurifier(Defense):
             "lean": self.lean,
             "relu_float_mb": self.relu_float_mb,
             "view_mode": getattr(self.views, "mode", None),
+            "precision": self.precision,
         }
 
     def passes_per_image(self) -> int:
@@ -323,7 +333,8 @@ class ReversePurifier(Defense):
         """
         check_images(x)
         self._require_bound()
-        with frozen_eval(self.classifier, self.head, self.views):
+        amp = compute_dtype(self.precision, x.device)
+        with frozen_eval(self.classifier, self.head, self.views), autocast_to(amp, x.device):
             return self._per_image_loss(x, generator).float()
 
     # ----------------------------------------------------------------- the attack
@@ -396,17 +407,23 @@ class ReversePurifier(Defense):
         best_x = cur.clone() if self.select == "best" else None
         best_loss = torch.full((n,), float("inf"), device=x.device)
         best_step = torch.zeros(n, dtype=torch.long, device=x.device)
-        with frozen_eval(self.classifier, self.head, self.views), torch.enable_grad():
+        amp = compute_dtype(self.precision, x.device)  # before autocast is switched off below
+        with (
+            frozen_eval(self.classifier, self.head, self.views),
+            torch.enable_grad(),
+            full_precision(x.device),
+        ):
             for t in range(self.steps + 1):
                 if t < self.steps:
                     xr = cur.detach().requires_grad_(True)
-                    if self.recompute:
-                        per, grad = self._loss_and_grad_recompute(xr, generator)
-                    else:
-                        per = self._per_image_loss(xr, generator)
-                        (grad,) = torch.autograd.grad(per.sum(), xr)
+                    with autocast_to(amp, x.device):
+                        if self.recompute:
+                            per, grad = self._loss_and_grad_recompute(xr, generator)
+                        else:
+                            per = self._per_image_loss(xr, generator)
+                            (grad,) = torch.autograd.grad(per.sum(), xr)
                 else:  # the last iterate only needs its loss
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast_to(amp, x.device):
                         per = self._per_image_loss(cur, generator)
                 per = per.detach().float()
                 losses[:, t] = per

@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revlit.losses.contrastive import REDUCTIONS
+from revlit.losses.contrastive import REDUCTIONS, _in_fp32
 
 BANK_LOSSES = ("nt_xent", "nt_xent_multi")
 
 
+@_in_fp32
 def bank_nt_xent(
     z: torch.Tensor,
     n_views: int,

@@ -28,17 +28,38 @@ Batch size: the two contrastive losses need negatives and refuse N < 2 with a Va
 N = 1 the logits of an anchor are its positives only; with two views the loss is then identically
 0, which would silently turn the purifier into a no-op). :func:`alignment` accepts any N >= 1.
 All three need n_views >= 2.
+
+Precision: the losses always compute in float32 with autocast off; embeddings from a head under
+bf16/fp16 autocast are cast up first, and the loss is float32 (or float64 for float64 input).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revlit.models.precision import full_precision
+
 REDUCTIONS = ("mean", "none")
+LossFn = Callable[..., torch.Tensor]
+
+
+def _in_fp32(loss: LossFn) -> LossFn:
+    """Run ``loss`` in float32 with autocast off: a bf16/fp16 ``z`` (a head under autocast) is
+    cast up first, since a log-softmax over thousands of negatives in bf16 loses the loss."""
+
+    @functools.wraps(loss)
+    def wrapped(z: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if z.dtype in (torch.bfloat16, torch.float16):
+            z = z.float()
+        with full_precision(z.device):
+            return loss(z, *args, **kwargs)
+
+    return wrapped
 
 
 def _check(z: torch.Tensor, n_views: int, reduction: str, min_n: int) -> int:
@@ -75,6 +96,7 @@ def _log_softmax_no_self(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits, dim=1)
 
 
+@_in_fp32
 def nt_xent(
     z: torch.Tensor, n_views: int, temperature: float = 0.2, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -101,6 +123,7 @@ def nt_xent(
     return _reduce(per_anchor, n_views, n, reduction)
 
 
+@_in_fp32
 def nt_xent_multi(
     z: torch.Tensor, n_views: int, temperature: float = 0.2, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -120,6 +143,7 @@ def nt_xent_multi(
     return _reduce(per_anchor, n_views, n, reduction)
 
 
+@_in_fp32
 def alignment(
     z: torch.Tensor, n_views: int, temperature: float | None = None, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -148,7 +172,6 @@ def alignment(
     return per_image if reduction == "none" else per_image.mean()
 
 
-LossFn = Callable[..., torch.Tensor]
 _LOSSES: dict[str, LossFn] = {
     "nt_xent": nt_xent,
     "nt_xent_multi": nt_xent_multi,

@@ -29,6 +29,13 @@ placeholders filled with NaN). A ResNet-20 keeps ~184 KB per image instead of ~1
 carved out of 64 MB blocks (big enough for glibc to ``mmap`` them outside the heap), so long-lived
 masks do not fragment the heap between the short-lived activations of the forward pass.
 
+Under ``torch.autocast`` (bf16 / fp16) the replaced conv2d gets its input, weight and bias cast
+to the autocast dtype *before* the autograd function, as autocast itself casts them: the cast's
+backward returns the gradient to the input's float32, and the saved weight and the placeholder
+have the dtype of the gradient the backward receives. Eval BatchNorm on a reduced-precision input
+keeps float32 statistics (ATen's mixed-dtype kernels, as autocast leaves it), ReLU masks do not
+depend on the dtype; the input gradient is again bitwise autograd's under the same autocast.
+
 Every other op (additions, pooling, normalisation, linear layers) and every call that does not
 qualify (weights that require grad, BatchNorm in training mode, string padding, and for conv and
 BatchNorm any device but the CPU, where the placeholder trick has not been checked yet) falls
@@ -50,6 +57,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from revlit.models.precision import autocast_dtype
 
 #: bytes of one mask block; above glibc's largest dynamic mmap threshold (32 MB), so every block
 #: is its own mapping and goes back to the system when its last mask dies.
@@ -318,6 +327,10 @@ class lean_input_grad(TorchFunctionMode):  # noqa: N801 - used like a function: 
                 and not isinstance(padding, str)
             ):
                 self.replaced["conv2d"] += 1
+                dtype = autocast_dtype(x)
+                if dtype is not None:  # autocast's own casts, outside the Function (see above)
+                    x, w = x.to(dtype), w.to(dtype)
+                    b = None if b is None else b.to(dtype)
                 return _FrozenConv2d.apply(
                     x, w, b, _arg(args, kwargs, 3, "stride", 1), padding,
                     _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1),

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revlit.models.precision import full_precision
+
 MODES = ("shared", "per_sample")
 #: at most this many runs of equal jitter order (or grayscale flag) in row order: process the runs
 #: as slices (no gathers, no full-size ``where``); shared mode has one run per view
@@ -519,12 +521,17 @@ class SimCLRViews(nn.Module):
 
         Returns:
             (n_views * N, 3, size, size) views in [0, 1]; row ``v * N + i`` is view ``v`` of
-            image ``i``. Differentiable w.r.t. ``x``.
+            image ``i``, in ``x``'s dtype (autocast is off inside, so a surrounding bf16
+            autocast does not reach the image). Differentiable w.r.t. ``x``.
         """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"views expect RGB images (N, 3, H, W), got shape {tuple(x.shape)}")
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
+        with full_precision(x.device):  # the views transform the image: never autocast
+            return self._views(x, n_views, generator)
+
+    def _views(self, x: torch.Tensor, n_views: int, generator) -> torch.Tensor:
         n, _, h, w = x.shape
         p = self.draw_params(n, n_views, h, w, generator)
         xr = x.repeat(n_views, 1, 1, 1)
