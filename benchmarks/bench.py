@@ -56,6 +56,7 @@ from revlit.io import git_commit
 from revlit.losses import ContrastiveLoss
 from revlit.models.fold import fold_batchnorm
 from revlit.models.lean import MaskArena, lean_input_grad
+from revlit.models.precision import autocast_to, bf16_supported
 from revlit.models.registry import build
 from revlit.ssl.head import SSLHead
 from revlit.ssl.views import SimCLRViews
@@ -67,21 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def precision(bf16: bool, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The backbone work's precision: bfloat16 autocast on ``device``'s type, or FP32 (no-op)."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
-def bf16_hardware(device: torch.device | str = "cpu") -> bool:
-    """Whether ``device`` has native bfloat16 arithmetic (CPU: AVX-512 BF16 or AMX; GPU: torch)."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """The backbone work's precision: bfloat16 autocast on ``device``, or float32 (autocast off)."""
+    return autocast_to(torch.bfloat16 if bf16 else torch.float32, device)
 
 
 def rss_bytes() -> int:
@@ -332,7 +320,8 @@ def build_variants(
     If a setting folds BatchNorm, "bound folded@B" variants measure the folded backbone's own
     bound. ``steps_cap`` limits K (memory children: a step's memory does not grow with K).
     ``bf16``: also "bound bf16@B" (the bound's pass under bfloat16 autocast) and PGD-10 under
-    bfloat16 autocast; a purifier setting with the "bf16" option runs under bfloat16 autocast.
+    bfloat16 autocast; a purifier setting with the "bf16" option runs the purifier's own
+    ``precision="bf16"`` (:mod:`revlit.models.precision`), the others ``precision="32"``.
     """
     settings = [_setting(p) for p in purifier_settings]
     dev = next(model.parameters()).device
@@ -373,13 +362,13 @@ def build_variants(
         pur = ReversePurifier(
             model, head, loss, SimCLRViews(), steps=ks, n_views=v,
             fold_bn="fold_bn" in opts, recompute="recompute" in opts, lean="plain" not in opts,
+            precision="bf16" if "bf16" in opts else "32",
             **({"relu_float_mb": 0} if "masks" in opts else {}),
         )  # fmt: skip
         x = _images(b, 1, dev)
 
-        def run(pur=pur, x=x, half="bf16" in opts):
-            with precision(half, x.device):
-                return pur.purify(x, torch.Generator().manual_seed(0))
+        def run(pur=pur, x=x):
+            return pur.purify(x, torch.Generator().manual_seed(0))
 
         if reference and (k, v, b) not in seen_ref and "bf16" not in opts:
             seen_ref.add((k, v, b))
@@ -581,7 +570,7 @@ def run_bench(
         "bound_folded_images_per_s": best_folded["images_per_s_max"] if best_folded else None,
         "bound_lean_images_per_s": best_lean["images_per_s_max"] if best_lean else None,
         "bf16": {
-            "hardware": bf16_hardware(device),
+            "hardware": bf16_supported(device),
             "bound_images_per_s": best_bf16["images_per_s_max"],
             "bound_batch": best_bf16["images"],
             "bracket": brackets[1].name,

@@ -237,3 +237,14 @@ def test_bf16_work_runs_under_autocast_and_fp32_does_not():
     hook.remove()
     assert seen == [torch.float32, torch.bfloat16]
     assert g32.dtype == g16.dtype == torch.float32  # the gradient w.r.t. the FP32 input
+    # the purifier rows: the "bf16" option runs the backbone in bfloat16, the others in float32
+    _, purifiers, attacks = bench.build_variants(
+        model, [8], [(1, 2, 4, ""), (1, 2, 4, "bf16")], 4, reference=False, bf16=True
+    )
+    hook = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    for v in purifiers + attacks:
+        seen.clear()
+        v.fn()
+        assert set(seen) == {torch.bfloat16 if "bf16" in v.name else torch.float32}, v.name
+    hook.remove()
+    assert [v.name for v in attacks] == ["PGD-10 Linf B=4", "PGD-10 Linf B=4 bf16"]
