@@ -138,8 +138,10 @@ def _load_revlit_classifier(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         model = build(arch, **kwargs)
         model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: weights do not fit {arch} ({first})") from None
+        # load_state_dict's text is a header line, then one line per problem: show the first
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if not ln.startswith("Error(s)")), type(e).__name__)
+        raise CheckpointError(f"{path}: weights do not fit {arch} ({detail[:160]})") from None
     model.eval()
     info = {
         "arch": arch,
