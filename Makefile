@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-N ?= 512
+# N: test images. Unset, `make demo` takes revlit.demo's own default (python -m revlit.demo --help);
+# attacks/evaluate take EVAL_N.
+EVAL_N ?= 512
 
 # CIFAR-10: $REVLIT_DATA_DIR if set; else ../shared/datasets when it is there; else data/.
 REVLIT_DATA_DIR ?= $(shell [ -d ../shared/datasets/cifar-10-batches-py ] && echo $(abspath ../shared/datasets) || echo data)
@@ -37,18 +39,18 @@ test: install
 ## make demo: install (if needed) and run the main job on the shipped default: PGD L1/L2/Linf sets
 ## for the first N test images, evaluation without/with the defense, table + JSON + PNG + TensorBoard.
 demo: install
-	$(RUN) -m revlit.demo --n $(N)
+	$(RUN) -m revlit.demo $(if $(N),--n $(N))
 
 ## make attacks: stored PGD sets (L1, L2, Linf) for the first N test images under data/pgd/.
 ATTACK_ITERS ?= 10
 attacks: install
 	for c in pgd_l1 pgd_l2 pgd_linf; do \
 	  $(RUN) cli.py predict --config configs/attack/$$c.yaml --model.init_args.steps $(ATTACK_ITERS) \
-	    --data.init_args.test_subset $(N) || exit 1; done
+	    --data.init_args.test_subset $(or $(N),$(EVAL_N)) || exit 1; done
 
 ## make evaluate: the defense table (clean/L1/L2/Linf x none/reverse/noise) on the first N images.
 evaluate: install
-	$(RUN) -m revlit.evaluate --n $(N) --out results/evaluate
+	$(RUN) -m revlit.evaluate --n $(or $(N),$(EVAL_N)) --out results/evaluate
 
 ## make bench: purifier and PGD throughput against the hardware bound (benchmarks/, docs/speed.md).
 ## BENCH_ARGS="--bf16" adds the bfloat16 rows; `$(PY) -m benchmarks --help` lists the options.

@@ -65,7 +65,10 @@ class RevlitCLI(LightningCLI):
 
 
 def _trainer_defaults() -> dict:
+    from revlit.callbacks.throughput import ImagesPerSecond
+
     return {
+        "callbacks": [ImagesPerSecond()],  # img/s in every progress bar
         "inference_mode": False,
         "logger": {
             "class_path": "pytorch_lightning.loggers.TensorBoardLogger",

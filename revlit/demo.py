@@ -9,7 +9,10 @@
 
 Usage::
 
-    python -m revlit.demo [--n 512] [--out results/demo]
+    python -m revlit.demo [--n N] [--out results/demo]
+
+The default N keeps the whole ``make demo`` (install included) within ten minutes on a 2-core CPU
+(docs/speed.md gives the cost per image); ``make demo N=1000`` gives the longer table.
 
 These are *transfer* attacks (made on the undefended classifier): they are no robustness
 guarantee for the defended one; see ``make adaptive`` for attacks that target the defense.
@@ -25,6 +28,8 @@ from pathlib import Path
 from revlit.data.cifar import default_data_dir, find_batches
 
 ATTACKS = (("l_1", "pgd_l1"), ("l_2", "pgd_l2"), ("l_inf", "pgd_linf"))
+#: test images per split of the demo (the one definition; ``make demo`` passes N only if given)
+DEMO_N = 256
 
 
 def _cli(args: list[str]) -> None:
@@ -36,7 +41,9 @@ def _cli(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m revlit.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=512, help="first N test images (default 512)")
+    p.add_argument(
+        "--n", type=int, default=DEMO_N, help="first N test images (default: %(default)s)"
+    )
     p.add_argument("--classifier", default="checkpoints/resnet20_at.pt")
     p.add_argument("--head", default="checkpoints/resnet20_at_head.pt")
     p.add_argument("--out", default="results/demo", help="output folder of the evaluation")

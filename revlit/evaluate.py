@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-dir", default=os.environ.get("REVLIT_LOG_DIR", "logs"), help="TensorBoard root"
     )
-    p.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="Lightning's progress bar with images/s (default: on)",
+    )  # fmt: skip
     return p
 
 
