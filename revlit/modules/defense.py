@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 
+from revlit.callbacks.writers import finished_batch
 from revlit.defenses import Defense
 from revlit.defenses.evaluate import bind_defense, defend_batch
 from revlit.models.checkpoint import load_classifier
@@ -145,7 +146,14 @@ class DefenseModule(pl.LightningModule):
         self.ssl_seen.append((out["ssl_before"].cpu(), out["ssl_after"].cpu()))
         return out
 
+    def run_settings(self) -> dict:
+        """What the outputs depend on, the key of finished batches kept for resume."""
+        shas = {"classifier": self.classifier_info["sha256"], "head": self.head_info["sha256"]}
+        return {**self.defense_settings(), "sha256": shas}
+
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        if (done := finished_batch(self._trainer, batch[2])) is not None:
+            return done  # kept by a killed run of the same settings
         return {k: v.cpu() for k, v in self.defend_batch(*batch).items()}
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:

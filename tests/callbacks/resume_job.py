@@ -3,7 +3,9 @@
 ``python -m tests.callbacks.resume_job attack WORKDIR`` writes the stored set
 ``WORKDIR/pgd/killme`` (PGD on the tiny classifier and tiny CIFAR-10 of ``WORKDIR``);
 ``python -m tests.callbacks.resume_job evaluate WORKDIR`` writes ``WORKDIR/results/run``
-through :class:`revlit.callbacks.writers.RankMergeWriter` with :class:`ToyDefense`.
+through :class:`revlit.callbacks.writers.RankMergeWriter` with :class:`ToyDefense`;
+``python -m tests.callbacks.resume_job defense WORKDIR`` writes ``WORKDIR/results/defense`` with
+the DefenseModule (a short reverse attack) and its DefenseWriter.
 """
 
 from __future__ import annotations
@@ -77,6 +79,16 @@ def run(kind: str, workdir: str | Path) -> Path:
         writer = AdvSetWriter(root=str(wd / "pgd"))
         trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
         return wd / "pgd" / "killme"
+    if kind == "defense":
+        from revlit.callbacks.defense_writer import DefenseWriter
+        from revlit.defenses import ReversePurifier
+        from revlit.modules.defense import DefenseModule
+
+        purifier = ReversePurifier(steps=STEPS // 4, n_views=2)
+        module = DefenseModule(clf, str(wd / "head.pt"), defense=purifier, seed=0)
+        writer = DefenseWriter(str(wd / "results" / "defense"))
+        trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
+        return wd / "results" / "defense"
     writer = RankMergeWriter(str(wd / "results" / "run"), resume=True)
     trainer([writer]).predict(ToyDefense(clf), datamodule=dm, return_predictions=False)
     return wd / "results" / "run"

@@ -28,7 +28,16 @@ TRIALS = 3
 def template(tmp_path_factory):
     wd = tmp_path_factory.mktemp("resume_template")
     write_tiny_cifar(wd / "cifar", n_train=10, n_test=resume_job.N, seed=0)
-    write_tiny_classifier(wd / "clf.pt")
+    clf = write_tiny_classifier(wd / "clf.pt")
+    from revlit.io import sha256_file as sha
+    from revlit.ssl import SSLHead, save_head
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        head = SSLHead(64, 32, 8)
+        with torch.no_grad():
+            head.train()(torch.randn(64, 64))
+    save_head(head.eval(), wd / "head.pt", sha(clf), {"loss": "nt_xent", "temperature": 0.2})
     return wd
 
 
@@ -58,7 +67,9 @@ def _kill_at_random_moment(kind: str, wd: Path, rng: random.Random) -> dict:
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     rc = proc.wait()
-    return {"k": k, "delay": round(delay, 3), "rc": rc, "kept": len(_parts(wd))}
+    info = {"job": kind, "k": k, "delay": round(delay, 3), "rc": rc, "kept": len(_parts(wd))}
+    print("trial", info)  # shown with pytest -s
+    return info
 
 
 def _count_calls(monkeypatch, target: str, name: str) -> list:
@@ -113,6 +124,26 @@ def test_killed_evaluation_resumes_to_identical_predictions(template, tmp_path, 
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), info
         assert sha256_file(out / "predictions.pt") == sha256_file(ref / "predictions.pt"), info
         assert len(calls) == (N_BATCHES - info["kept"]) * resume_job.STEPS, info
+        assert _leftovers(out) == [], info
+        monkeypatch.undo()
+
+
+def test_killed_defended_evaluation_resumes_prediction_identical(template, tmp_path, monkeypatch):
+    """The DefenseModule and its writer: same predictions and losses (timings aside)."""
+    ref = resume_job.run("defense", _fresh(template, tmp_path / "ref"))
+    want = torch.load(ref / "predictions.pt", weights_only=True)
+    rng = random.Random(22)
+    for t in range(2):
+        wd = _fresh(template, tmp_path / f"trial{t}")
+        info = _kill_at_random_moment("defense", wd, rng)
+        calls = _count_calls(monkeypatch, "revlit.modules.defense", "defend_batch")
+        out = resume_job.run("defense", wd)
+        got = torch.load(out / "predictions.pt", weights_only=True)
+        assert got.keys() == want.keys(), info
+        for k in want:
+            if not k.startswith("sec"):  # wall-clock columns differ between any two runs
+                assert torch.equal(got[k], want[k]), (k, info)
+        assert len(calls) == N_BATCHES - info["kept"], info
         assert _leftovers(out) == [], info
         monkeypatch.undo()
 
