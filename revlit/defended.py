@@ -51,6 +51,11 @@ class DefendedClassifier(nn.Module):
         gradient: ``"bpda"`` or ``"none"``.
         seed: seed of the purifier's randomness.
         fixed: reuse ``seed`` on every call instead of ``seed · 2**24 + call number``.
+        context: images in [0, 1] (M, C, H, W) that fill a call of fewer than ``min_batch``
+            images (the contrastive loss takes its negatives from the batch; AutoAttack, for
+            one, calls the model on the few points still robust, down to a single one). The
+            context images are purified together with the call's images and dropped.
+        min_batch: the smallest batch purified (default 2, the contrastive loss's minimum).
     """
 
     def __init__(
@@ -60,6 +65,8 @@ class DefendedClassifier(nn.Module):
         gradient: str = "bpda",
         seed: int = 0,
         fixed: bool = False,
+        context: torch.Tensor | None = None,
+        min_batch: int = 2,
     ) -> None:
         super().__init__()
         if gradient not in GRADIENTS:
@@ -69,6 +76,10 @@ class DefendedClassifier(nn.Module):
         self.classifier = classifier
         self.defense = defense
         self.gradient, self.seed, self.fixed = gradient, int(seed), bool(fixed)
+        self.context = None if context is None else context.detach()
+        self.min_batch = int(min_batch)
+        if self.context is not None and len(self.context) < self.min_batch - 1:
+            raise ValueError(f"context needs >= {self.min_batch - 1} images, got {len(context)}")
         #: number of forward calls so far (the per-call seed's counter)
         self.calls = 0
 
@@ -81,12 +92,22 @@ class DefendedClassifier(nn.Module):
     def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Purified images (N, C, H, W) in [0, 1], detached (no gradient to x)."""
         x = x.detach()
+        n = len(x)
         if generator is None:
             generator = self.generator()
+        if n < self.min_batch:
+            if self.context is None:
+                raise ValueError(
+                    f"a batch of {n} image(s) is below min_batch={self.min_batch} (the contrastive "
+                    "loss takes its negatives from the batch): give DefendedClassifier a context"
+                )
+            x = torch.cat([x, self.context[: self.min_batch - n].to(x)])
         if hasattr(self.defense, "defend"):
             images, _ = self.defense.defend(x, generator)
-            return images[getattr(self.defense, "steps", 0)].detach()
-        return self.defense.purify(x, generator)[0].detach()
+            out = images[getattr(self.defense, "steps", 0)]
+        else:
+            out = self.defense.purify(x, generator)[0]
+        return out[:n].detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) of the purified images; gradient per ``self.gradient``."""
@@ -106,6 +127,7 @@ def load_defended(
     gradient: str = "bpda",
     seed: int = 0,
     fixed: bool = False,
+    context: torch.Tensor | None = None,
     allow_mismatch: bool = False,
     **purifier: object,
 ) -> tuple[DefendedClassifier, dict]:
@@ -115,7 +137,7 @@ def load_defended(
     Args:
         classifier: classifier spec.
         head: SSL head checkpoint trained on that classifier (checked by sha256).
-        gradient, seed, fixed: see :class:`DefendedClassifier`.
+        gradient, seed, fixed, context: see :class:`DefendedClassifier`.
         allow_mismatch: accept a head trained on another classifier.
         **purifier: settings of :class:`revlit.defenses.ReversePurifier` (``eps``, ``steps``, ...).
 
@@ -139,6 +161,8 @@ def load_defended(
         views=SimCLRViews(mode=rec["view_mode"]),
         **purifier,
     )
-    model = DefendedClassifier(net, defense, gradient=gradient, seed=seed, fixed=fixed).eval()
+    model = DefendedClassifier(
+        net, defense, gradient=gradient, seed=seed, fixed=fixed, context=context
+    ).eval()
     info = {"classifier": cinfo, "head": hinfo, "defense": defense.settings()}
     return model, info

@@ -139,3 +139,16 @@ def test_torchattacks_apgd_with_eot_runs_on_the_defended_model():
     x_adv = atk(x, y)
     assert x_adv.shape == x.shape and _in_ball(x_adv, x)
     assert model.calls - calls >= 4  # EOT: several draws of the purifier per step
+
+
+def test_a_lone_image_is_purified_beside_the_context():
+    model = _defended(fixed=True)
+    x1, ctx = _x(1, seed=5), _x(3, seed=6)
+    with pytest.raises(ValueError, match="give DefendedClassifier a context"):
+        model.purify(x1)
+    padded = DefendedClassifier(model.classifier, model.defense, seed=3, fixed=True, context=ctx)
+    got = padded.purify(x1)
+    want = model.purify(torch.cat([x1, ctx[:1]]), torch.Generator().manual_seed(3))[:1]
+    assert got.shape == (1, 3, 32, 32) and torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(padded(x1), model.classifier(want))
