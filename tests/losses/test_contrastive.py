@@ -138,3 +138,22 @@ def test_get_loss_and_wrapper_agree():
             ContrastiveLoss(name, temperature=0.5)(z, 2, reduction="none"),
             get_loss(name)(z, 2, temperature=0.5, reduction="none"),
         )
+
+
+@pytest.mark.parametrize("name", ["nt_xent", "nt_xent_multi"])
+def test_bf16_embeddings_under_autocast_give_the_float32_loss(name):
+    """A head under bf16 autocast hands the loss bf16 embeddings; the loss is computed in float32
+    with autocast off (its cosine matmul would otherwise run in bf16): the same bits as the loss
+    of the same embeddings cast up outside autocast, in float32, and the same gradient."""
+    z = torch.randn(4 * 64, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    z.requires_grad_(True)
+    fn = get_loss(name)
+    ref = fn(z.float(), 4, reduction="none")
+    (g_ref,) = torch.autograd.grad(ref.sum(), z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per = fn(z, 4, reduction="none")
+        mean = ContrastiveLoss(name)(z, 4)
+    (g,) = torch.autograd.grad(per.sum(), z)
+    assert per.dtype == mean.dtype == torch.float32
+    assert torch.equal(per, ref) and torch.equal(g, g_ref)
+    assert mean == ref.mean()

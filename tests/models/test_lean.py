@@ -206,3 +206,21 @@ def test_batchnorm_factors_follow_the_running_statistics():
                 if isinstance(m, nn.BatchNorm2d):
                     m.running_var.mul_(1.7)
                     m.weight.add_(0.25)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_under_bf16_autocast_the_gradient_is_bitwise_autograds(name, nan_placeholders):
+    """autocast casts conv inputs to bf16; lean must cast the same way (else a dtype mismatch in
+    the backward) and give the same bf16 features and float32 input gradient as autograd."""
+    model = _frozen(MODELS[name](), torch.channels_last)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f0, g0, _ = _features_and_grad(model, x, lean=False)
+        f1, g1, mode = _features_and_grad(model, x, lean=True)
+    _, g32, _ = _features_and_grad(model, x, lean=False)
+    assert mode.replaced["conv2d"] > 0 and mode.replaced["batch_norm"] > 0
+    assert f0.dtype == f1.dtype == torch.bfloat16  # autocast reached the backbone
+    assert g1.dtype == torch.float32 and not g1.isnan().any()
+    assert torch.equal(f1, f0) and torch.equal(g1, g0)
+    assert not torch.equal(g1, g32)  # a bf16 gradient, not the float32 one

@@ -158,3 +158,25 @@ def test_bad_arguments_are_refused():
         SimCLRViews()(_images(2), 0)
     with pytest.raises(ValueError, match="RGB"):
         SimCLRViews()(torch.rand(2, 1, 32, 32), 2)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
+def test_views_ignore_a_surrounding_bf16_autocast(mode, monkeypatch):
+    """The views transform the image: under autocast they stay float32, bit for bit, and so does
+    their gradient. Today's ops are not lowered by CPU autocast anyway, so the grayscale is made
+    an op autocast does lower (a matmul) to show that the guard, not luck, keeps them float32."""
+    import revlit.ssl.views as views_mod
+
+    luma = torch.tensor(views_mod.LUMA)
+    monkeypatch.setattr(
+        views_mod, "grayscale", lambda x: (x.movedim(1, -1) @ luma[:, None]).movedim(-1, 1)
+    )
+    x = _images(4).requires_grad_(True)
+    views = SimCLRViews(mode=mode, gray_p=1.0)
+    ref = views(x, 2, _gen(3))
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x.movedim(1, -1) @ luma[:, None]).dtype == torch.bfloat16  # lowered out here
+        out = views(x, 2, _gen(3))
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    assert out.dtype == torch.float32 and torch.equal(out, ref) and torch.equal(g, g_ref)
