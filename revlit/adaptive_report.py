@@ -324,6 +324,24 @@ def plot_convergence(conv: dict, path: str | Path, title: str = "") -> Path:
     return p
 
 
+def break_confusion(merged: dict[str, torch.Tensor]) -> dict | None:
+    """Which kind of attack breaks each image: transfer only, adaptive only, both, neither.
+
+    Needs every row run on every image (no cascade; else None): a transfer row is one whose name
+    starts with ``transfer_``, every other row is adaptive.
+    """
+    rows = row_names(merged)
+    if not rows or not all(bool(merged[f"{r}.attacked"].all()) for r in rows):
+        return None
+    kinds = {k: [r for r in rows if r.startswith("transfer_") == (k == "t")] for k in "ta"}
+    if not kinds["t"] or not kinds["a"]:
+        return None
+    t, a = (torch.stack([~row_robust(merged, r) for r in kinds[k]]).any(0) for k in "ta")
+    return {"n": int(t.numel()), "transfer_only": int((t & ~a).sum()),
+            "adaptive_only": int((a & ~t).sum()), "both": int((t & a).sum()),
+            "neither": int((~t & ~a).sum())}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- verdict
 def paired_difference(merged: dict[str, torch.Tensor], static_row: str = REFERENCE) -> dict | None:
     """Defended worst case minus static APGD accuracy on the SAME images, with a paired 95 % CI.

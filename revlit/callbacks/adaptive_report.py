@@ -114,7 +114,8 @@ class AdaptiveReport(RankMergeWriter):
         summary = {
             "title": title, "rows": [s.as_dict() for s in rows], "eps_sweep": points,
             "eps_sweep_reaches_zero": reaches_zero, "convergence": conv,
-            "paired_difference": paired, "verdict": verdict, "plots": plots,
+            "paired_difference": paired, "broken_by": report.break_confusion(merged),
+            "verdict": verdict, "plots": plots,
             "wall_seconds": wall, "settings": info,
         }  # fmt: skip
         atomic_write_json(summary, out / "summary.json", default=str)
