@@ -102,6 +102,11 @@ class Defense:
         """
         raise NotImplementedError
 
+    def purify(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """The defended images (N, C, H, W) alone."""
+        images, _ = self.defend(x, generator)
+        return images[self.steps]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

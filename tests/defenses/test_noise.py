@@ -48,3 +48,19 @@ def test_check_images_accepts_the_box_exactly():
         check_images(torch.tensor([float("inf")]).view(1, 1, 1, 1))
     with pytest.raises(ValueError, match="empty"):
         check_images(torch.zeros(0, 3, 4, 4))
+
+
+def test_defenses_share_one_interface():
+    """defend() keys the result by steps taken; purify() is its image; NoDefense is the identity."""
+    from revlit.defenses import EPS_R, NoDefense
+
+    x = torch.rand(4, 3, 8, 8)
+    images, extras = NoDefense().defend(x)
+    assert images == {0: x} and extras == {} and torch.equal(NoDefense().purify(x), x)
+    noise = RandomNoise()
+    assert noise.eps == EPS_R and noise.method == "noise" and noise.passes_per_image() == 1
+    got, _ = noise.defend(x, torch.Generator().manual_seed(0))
+    assert torch.equal(got[0], noise.purify(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(got[0], x)
+    with pytest.raises(ValueError):
+        NoDefense().defend(x * 2)

@@ -211,3 +211,46 @@ def test_a_reverse_defense_that_reverses_nothing_is_refused(kw, words):
     with pytest.raises(ValueError, match=words) as e:
         ReversePurifier(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_settings_first_networks_bound_later_give_the_same_images():
+    from revlit.defenses import SETTINGS
+
+    clf, head, loss = make_parts()
+    x = images(4, seed=1)
+    unbound = ReversePurifier(steps=3, n_views=2, loss=loss, views=SimCLRViews())
+    with pytest.raises(RuntimeError, match="bind"):
+        unbound.purify(x)
+    bound = unbound.bind(clf, head)
+    one_call = ReversePurifier(clf, head, loss, SimCLRViews(), steps=3, n_views=2)
+    a, _ = bound.purify(x, torch.Generator().manual_seed(4))
+    b, _ = one_call.purify(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    assert set(SETTINGS) <= set(bound.settings())
+    assert bound.passes_per_image() == 4 * 2 + 3 * 2 + 1
+
+
+def test_bind_fills_only_the_loss_and_views_not_given():
+    clf, head, _ = make_parts()
+    mine = ContrastiveLoss("nt_xent_multi", 0.5)
+    pur = ReversePurifier(loss=mine).bind(
+        clf, head, ContrastiveLoss(), SimCLRViews(mode="per_sample")
+    )
+    assert pur.loss is mine and pur.views.mode == "per_sample"
+    default = ReversePurifier(classifier=clf, head=head)  # the notebook one-liner
+    assert default.loss.name == "nt_xent" and default.views.mode == "shared"
+
+
+def test_defend_traces_iterates_and_returns_the_purified_images():
+    clf, head, loss = make_parts()
+    x = images(4, seed=2)
+    pur = ReversePurifier(clf, head, loss, SimCLRViews(), steps=3, n_views=2)
+    got, extras = pur.defend(x, torch.Generator().manual_seed(5), trace=[0, 2])
+    x_rep, losses = pur.purify(x, torch.Generator().manual_seed(5))
+    assert set(got) == {0, 2, 3} and torch.equal(got[3], x_rep)
+    assert torch.equal(extras["ssl_steps"], losses)
+    two = ReversePurifier(clf, head, loss, SimCLRViews(), steps=2, n_views=2)
+    assert torch.equal(got[2], two.purify(x, torch.Generator().manual_seed(5))[0])
+    assert not torch.equal(got[0], got[2])
+    with pytest.raises(ValueError, match="trace"):
+        ReversePurifier(clf, head, loss, SimCLRViews(), steps=3, select="best").defend(x, None, [1])
