@@ -67,7 +67,8 @@ def run_settings(trainer, pl_module) -> dict | None:
         return None
     dm = getattr(trainer, "datamodule", None)
     data = dm.data_identity() if hasattr(dm, "data_identity") else None
-    return {"module": describe(), "data": data}
+    # the trainer's precision (e.g. bf16-mixed autocast) changes the outputs too
+    return {"module": describe(), "data": data, "precision": str(getattr(trainer, "precision", ""))}
 
 
 def finished_batch(trainer, index: torch.Tensor) -> dict[str, torch.Tensor] | None:

@@ -7,6 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from revlit.callbacks.writers import run_settings
 from revlit.modules.defense import DefenseModule
 from tests.modules.test_defense import ckpts, datamodule, short  # noqa: F401
 
@@ -62,3 +63,6 @@ def test_predict_in_bf16_mixed_keeps_the_decision_and_the_box_float32(
     for key in ("loss", "loss_def", "ssl_steps", "ssl_before", "ssl_after", "delta_linf"):
         assert rows[key].dtype == torch.float32 and torch.isfinite(rows[key]).all(), key
     assert (rows["delta_linf"] <= EPS + 1e-6).all() and (rows["delta_linf"] > 0).all()
+    # records and the resume key say which precision made the outputs
+    assert module.defense_settings()["trainer_precision"] == precision
+    assert run_settings(tr, module)["precision"] == precision
