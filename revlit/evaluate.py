@@ -242,7 +242,7 @@ def evaluate(args) -> list[dict]:
 
 
 def _header(args, records: list[dict], skipped: list[str]) -> str:
-    from revlit.callbacks.export import git_commit
+    from revlit.io import git_commit
 
     first = records[0] if records else {}
     lines = [

@@ -223,8 +223,8 @@ def build_bank_file(
     Returns:
         ``(path written, meta)``.
     """
-    from revlit.callbacks.export import git_commit
     from revlit.data.cifar import default_data_dir, load_cifar10
+    from revlit.io import git_commit
     from revlit.models.checkpoint import load_classifier
     from revlit.ssl.head import head_training, load_head
     from revlit.ssl.views import SimCLRViews

@@ -563,7 +563,7 @@ class StudyOutput:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         try:
-            from revlit.callbacks.export import git_commit
+            from revlit.io import git_commit
 
             summary["commit"] = git_commit()
         except Exception:  # pragma: no cover - no git
