@@ -17,8 +17,8 @@ export MALLOC_TOP_PAD_ ?= 1073741824
 # The long jobs (demo, attacks, evaluate, bench, adaptive, studies, training) run under mimalloc
 # (pip package cmeel-mimalloc, installed with revlit on x86-64 Linux) with purging off and large
 # OS pages: no page faults on reuse like the glibc settings above, and no heap fragmentation
-# (glibc's heap grew ~1.5 GB past the live data of a purifier step, measured). ALLOCATOR=glibc
-# runs them without it; where the library is missing they fall back to glibc silently.
+# (docs/speed.md). ALLOCATOR=glibc runs them without it; where the library is missing they fall
+# back to glibc silently.
 ALLOCATOR ?= mimalloc
 MIMALLOC_LIB = $(firstword $(wildcard $(abspath $(VENV))/lib/python3*/site-packages/cmeel.prefix/lib/libmimalloc.so))
 RUN = $(if $(and $(filter mimalloc,$(ALLOCATOR)),$(MIMALLOC_LIB)),LD_PRELOAD=$(MIMALLOC_LIB) MIMALLOC_PURGE_DELAY=-1 MIMALLOC_ALLOW_LARGE_OS_PAGES=1 )$(PY)
