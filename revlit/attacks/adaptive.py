@@ -54,6 +54,7 @@ from revlit.attacks.norms import (
     step,
 )
 from revlit.attacks.pgd import frozen_eval, resolve_args
+from revlit.models.precision import full_precision
 
 Purifier = Callable[..., torch.Tensor | tuple]
 SSLLoss = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
@@ -431,7 +432,7 @@ def evaluate_defense(
     with frozen_eval(classifier):
         for g in spawn_generators(generator, int(draws)):
             xp = run(x.detach(), g)
-            with torch.no_grad():
+            with torch.no_grad(), full_precision(xp.device):  # the decision: float32
                 logits = _logits(classifier, xp, chunk).float()
             correct.append(logits.argmax(1) == y)
             ce.append(get_loss("ce")(logits, y))

@@ -45,6 +45,7 @@ from revlit.attacks.apgd import apgd_attack
 from revlit.attacks.norms import Norm
 from revlit.attacks.pgd import pgd_attack
 from revlit.defenses.reverse import ReversePurifier
+from revlit.models.precision import full_precision
 from revlit.seeding import batch_seed, per_image_generators
 from revlit.ssl.head import ssl_loss
 
@@ -297,7 +298,7 @@ def _scatter(x, y, mask, x_sub, broken_sub, classifier) -> Points:
     x_adv[mask] = x_sub
     broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     broken[mask] = broken_sub
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(x_adv.device):  # the static decision: float32
         static = classifier(x_adv).argmax(1) == y
     return Points(x_adv, static, broken)
 
