@@ -7,8 +7,10 @@ a TensorBoardLogger under ``logs/``, the resolved config saved per run, seed 0 b
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -98,10 +100,12 @@ def main(args: list[str] | None = None) -> None:
             seed_everything_default=0,
             trainer_defaults=_trainer_defaults(),
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else {},
+            # usage errors raise (one line below) instead of printing the whole usage
+            parser_kwargs={"exit_on_error": False}
+            | ({"parser_mode": "omegaconf"} if _has_omegaconf() else {}),
             args=args,
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (argparse.ArgumentError, ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("REVLIT_DEBUG"):
             raise
         # jsonargparse wraps an init-arg error in "Does not validate against any of the Union
@@ -111,10 +115,25 @@ def main(args: list[str] | None = None) -> None:
             root = root.__cause__
         text = str(root).strip() or str(e).strip()
         msg = text.splitlines()[0] if text else type(e).__name__
+        key = _failing_key(e)
+        if key and key not in msg:
+            msg = f"{key}: {msg}"
         print(f"revlit: error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
         sys.argv = argv
+
+
+def _failing_key(e: BaseException) -> str | None:
+    """The option a jsonargparse error is about (e.g. ``model.init_args.steps``), if it says."""
+    chain = []
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__
+    text = "\n".join(chain)
+    key = max(re.findall(r"""[Kk]ey ['"]([\w.]+)['"]""", text), key=len, default=None)
+    nested = re.search(r"NestedArg\(key='([\w.]+)'", text)
+    return f"{key}.init_args.{nested.group(1)}" if key and nested else key
 
 
 def _has_omegaconf() -> bool:

@@ -133,6 +133,8 @@ def test_steps_alias_and_single_process(workdir):
             ["--trainer.inference_mode", "true", "--data.init_args.test_subset", "2"],
             "inference_mode",
         ),
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),  # usage errors: one line too
+        (["--model.init_args.steps", "abc"], "model.init_args.steps"),
     ],
 )
 def test_cli_refuses_bad_arguments_with_one_line_and_exit_2(workdir, args, words):
@@ -148,4 +150,4 @@ def test_cli_refuses_bad_arguments_with_one_line_and_exit_2(workdir, args, words
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     errors = [line for line in r.stderr.splitlines() if line.startswith("revlit: error:")]
     assert len(errors) == 1 and words in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "usage:" not in r.stderr
