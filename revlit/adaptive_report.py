@@ -192,14 +192,15 @@ def format_table(rows: Sequence[RowSummary], title: str = "", cascade: bool = Tr
 
 
 # ----------------------------------------------------------------------------- ε sweep
-def sweep_points(merged: dict[str, torch.Tensor], eps_list: Sequence[float]) -> list[dict]:
-    """The defended model under the sweep attack at each ε (rows ``sweep<i>/<row>``)."""
+def sweep_points(merged: dict[str, torch.Tensor]) -> list[dict]:
+    """The defended model under the sweep attack at each ε (rows ``sweep<i>/<row>``, ε in
+    ``sweep<i>/eps``), in the order they ran."""
     out = []
-    for i, eps in enumerate(eps_list):
-        names = row_names(merged, f"sweep{i}/")
-        if not names:
-            continue
-        s = summarize_row(merged, f"sweep{i}/{names[0]}", f"ε = {eps * 255:.3g}/255")
+    i = 0
+    while f"sweep{i}/eps" in merged:
+        eps, i = float(merged[f"sweep{i}/eps"][0]), i + 1
+        names = row_names(merged, f"sweep{i - 1}/")
+        s = summarize_row(merged, f"sweep{i - 1}/{names[0]}", f"ε = {eps * 255:.3g}/255")
         out.append({"eps": float(eps), "eps_255": float(eps) * 255, "attack": names[0],
                     "static": s.static, "mean": s.mean, "worst": s.worst,
                     "worst_ci": list(s.worst_ci), "n": s.n, "draws": s.draws,
@@ -432,7 +433,8 @@ def verdict(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m revlit.adaptive_report OUTPUTS.pt``: table, paired difference and verdict again.
+    """``python -m revlit.adaptive_report PREDICTIONS.pt [--plots DIR]``: table, paired difference,
+    convergence and verdict again, and the two plots.
 
     Re-reads the merged per-example outputs a run saved (``<output_dir>/predictions.pt``); nothing is
     recomputed with the models, so it is instant and gives the same rows as the run.
@@ -442,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="python -m revlit.adaptive_report", description=main.__doc__)
     p.add_argument("outputs", help="predictions.pt written by an adaptive evaluation")
+    p.add_argument("--plots", help="also write eps_sweep.png and convergence.png into this folder")
     args = p.parse_args(argv)
     path = Path(args.outputs)
     if not path.is_file():
@@ -452,7 +455,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     conv = convergence_check(merged)
     print(format_table(rows))
     print(json.dumps({"paired_difference": paired, "convergence": conv}, indent=1))
-    print(verdict(rows, conv["converged"] if conv else None, paired=paired))
+    points = sweep_points(merged)
+    print(verdict(rows, conv["converged"] if conv else None, sweep_reaches_zero(points), paired))
+    if args.plots:
+        for made in (points and plot_sweep(points, Path(args.plots) / "eps_sweep.png"),
+                     conv and plot_convergence(conv, Path(args.plots) / "convergence.png")):  # fmt: skip
+            if made:
+                print(f"wrote {made}")
 
 
 if __name__ == "__main__":

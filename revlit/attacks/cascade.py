@@ -452,7 +452,7 @@ def adaptive_batch(
     gradient masking), and the convergence check: the adaptive attacks again with their
     iterations, EOT draws m or restarts doubled (from the state after the transfer attacks, which
     do not change), and the whole cascade with the evaluation draws r doubled (rows
-    ``conv_<what>/<name>``, worst case ``conv_<what>/final.robust``).
+    ``conv_<what>/<name>``, worst case ``conv_<what>/final.robust``; ``sweep<i>/eps`` holds the ε).
 
     Returns:
         per-image tensors: ``index``, ``label``, and the rows' fields (see :func:`run_cascade`).
@@ -467,7 +467,7 @@ def adaptive_batch(
         atk = sweep_attack or (bpda or [a for a in order if a.kind == "adaptive"] or order)[0]
         swept = copy_target(target, eps=float(e))
         o, _ = run_cascade([atk], swept, x, y, index, base, prefix=f"sweep{i}/", first_k=100 + i)
-        out.update(o)
+        out.update(o, **{f"sweep{i}/eps": torch.full((len(y),), float(e), dtype=torch.float64)})
     if convergence:
         n_t = next((k for k, a in enumerate(order) if a.kind != "transfer"), len(order))
         start = states[n_t - 1] if n_t else None

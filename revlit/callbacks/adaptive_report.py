@@ -61,7 +61,7 @@ class AdaptiveReport(RankMergeWriter):
             f"{d.get('eps', 0) * 255:.3g}/255)"
         )
         table = report.format_table(rows, title, info["cascade"])
-        points = report.sweep_points(merged, info["sweep_eps"])
+        points = report.sweep_points(merged)
         reaches_zero = report.sweep_reaches_zero(points)
         conv = report.convergence_check(merged)
         paired = report.paired_difference(merged)

@@ -121,6 +121,12 @@ def test_the_table_records_plots_and_checks(tmp_path, tiny_cifar_dir, ckpts, cap
     )
     assert "convergence" in load_record(out / f"record_{report.WORST}.json")["adaptive"]
     assert len((out / "records.jsonl").read_text().splitlines()) == len(order) + 1
+    # the table and both plots regenerate from the saved outputs alone
+    report.main([str(out / "predictions.pt"), "--plots", str(tmp_path / "again")])
+    again = capsys.readouterr().out
+    assert (out / "table.md").read_text().split("\n\n", 1)[1].split("\n\n")[0] in again
+    for png in ("eps_sweep.png", "convergence.png"):
+        assert (tmp_path / "again" / png).stat().st_size > 5000
 
 
 def test_a_cheaper_inner_purifier_is_an_option_and_the_record_says_so(
