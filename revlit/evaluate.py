@@ -29,7 +29,11 @@ import os
 import sys
 from pathlib import Path
 
+from revlit.io import atomic_write_text, replace_dir
+from revlit.utils import ArgumentParser, int_at_least
+
 DEFENSE_ORDER = ("none", "reverse", "noise")
+N_TEST = 10_000  # CIFAR-10 test images
 
 
 def _csv(text: str) -> list[str]:
@@ -37,7 +41,7 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m revlit.evaluate",
         description="Accuracy and loss of a classifier on clean and stored adversarial splits, "
         "without and with the reverse-attack defense and the random-noise baseline.",
@@ -46,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--classifier", default="checkpoints/resnet20_at.pt", help="classifier checkpoint"
     )
     p.add_argument("--head", default="checkpoints/resnet20_at_head.pt", help="SSL head checkpoint")
-    p.add_argument("--n", type=int, default=1000, help="first N images of every split (0 = all)")
+    p.add_argument(
+        "--n", type=int_at_least(0), default=1000, help="first N images of every split (0 = all)"
+    )
     p.add_argument(
         "--sets",
         default="clean,resnet20_at_l_inf,resnet20_at_l_2,resnet20_at_l_1",
@@ -54,7 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--defenses", default="none,reverse,noise", help="subset of none,reverse,noise")
     p.add_argument("--out", default="results/evaluate", help="output folder (results/<run>)")
-    p.add_argument("--batch-size", type=int, default=128, help="per-device batch (the negatives)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out (when the new run is complete)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="finish --out: reuse its results and finished batches"
+    )
+    p.add_argument(
+        "--batch-size", type=int_at_least(2), default=128,
+        help="per-device batch (the negatives)",
+    )  # fmt: skip
     add_purifier_options(p)
     p.add_argument(
         "--view-mode", default=None, help="shared or per_sample (default: head's record)"
@@ -71,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-missing", action="store_true", help="skip stored sets that do not exist")
     p.add_argument("--accelerator", default="cpu", help="cpu, gpu, auto")
-    p.add_argument("--devices", type=int, default=1, help="devices (processes under DDP)")
+    p.add_argument(
+        "--devices", type=int_at_least(1), default=1, help="devices (processes under DDP)"
+    )
     p.add_argument("--strategy", default="auto", help="auto or ddp")
     p.add_argument(
         "--log-dir", default=os.environ.get("REVLIT_LOG_DIR", "logs"), help="TensorBoard root"
@@ -174,6 +191,7 @@ def _run_one(args, split: str, defense: str, out_dir: Path, run_name: str):
         allow_mismatch=args.allow_mismatch,
     )
     writer = DefenseWriter(str(out_dir))
+    writer.overwrite, writer.resume = args.overwrite, args.resume
     tag = Path(split).name
     trainer = pl.Trainer(
         accelerator=args.accelerator,
@@ -201,44 +219,90 @@ def evaluate(args) -> list[dict]:
     sets = _csv(args.sets)
     if not sets:
         raise ValueError("--sets is empty")
-    for path, what in ((args.classifier, "classifier"), (args.head, "head")):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{what} checkpoint not found: {path}")
-    out = Path(args.out)
+    out, skipped = Path(args.out), preflight(args, sets)
+    run_dir = out.with_name(f".{out.name}.partial-run") if args.overwrite else out
     run_name = f"evaluate_{out.name}"
     records: list[dict] = []
-    skipped: list[str] = []
     is_zero = True
-    for split in sets:  # every set checked before any work
-        if (
-            split != "clean"
-            and not Path(split).exists()
-            and not (Path(args.pgd_root) / split).exists()
-        ):
-            if not args.skip_missing:
-                raise FileNotFoundError(
-                    f"stored set '{split}' not found under {args.pgd_root} (make it with "
-                    "`make attacks`, or pass --skip-missing)"
-                )
-            logging.getLogger("revlit").warning("skipping missing stored set '%s'", split)
-            skipped.append(split)
     for split in (s for s in sets if s not in skipped):
         got: dict[str, dict] = {}
         for defense in _runs_for(defenses):
             tag = Path(split).name
-            trainer, recs = _run_one(args, split, defense, out / tag / defense, run_name)
+            trainer, recs = _run_one(args, split, defense, run_dir / tag / defense, run_name)
             is_zero = trainer.is_global_zero
             for r in recs:
                 got.setdefault(r["defense"]["method"], r)  # the first 'none' row is kept
         records += [got[d] for d in DEFENSE_ORDER if d in defenses and d in got]
     if not is_zero:
         return []
-    save_jsonl(records, out / "records.jsonl")
+    save_jsonl(records, run_dir / "records.jsonl")
     table = markdown_table(records)
     header = _header(args, records, skipped)
-    (out / "table.md").write_text(header + table)
+    atomic_write_text(header + table, run_dir / "table.md")  # written last: complete
+    if run_dir != out:
+        replace_dir(run_dir, out)
     print(header + table, flush=True)
     return records
+
+
+def preflight(args, sets: list[str]) -> list[str]:
+    """Every input checked before any model runs; returns the stored sets skipped as missing.
+
+    Output folder (refused if it exists, unless ``--overwrite``/``--resume``), classifier and
+    head (loadable, finite, made for each other), every stored set (present, well-formed, made
+    for this classifier), n and the batch (no batch of one image on any device).
+    """
+    from revlit.data.stored import StoredSetNotFound, check_stored_sets
+    from revlit.models import load_classifier
+    from revlit.modules.defense import single_image_batches
+    from revlit.ssl import load_head
+
+    out = Path(args.out)
+    if args.overwrite and args.resume:
+        raise ValueError("pass --overwrite or --resume, not both")
+    first_rank = int(os.environ.get("LOCAL_RANK", 0)) == 0  # DDP children rerun this script
+    if first_rank and out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise ValueError(
+            f"output folder {out} already exists: pass --overwrite to replace it, --resume to "
+            "finish it, or another --out"
+        )
+    if args.n > N_TEST:
+        raise ValueError(f"--n {args.n}: CIFAR-10 has {N_TEST} test images (0 = all)")
+    for defense in _runs_for(_csv(args.defenses)):
+        make_defense(args, defense)  # its settings are checked (e.g. steps >= 1)
+    _, cinfo = load_classifier(args.classifier)
+    load_head(args.head, cinfo["sha256"], allow_mismatch=args.allow_mismatch)
+    skipped = []
+    for split in sets:
+        try:
+            found = check_stored_sets([split], args.pgd_root, cinfo["sha256"], args.allow_mismatch)
+        except StoredSetNotFound:
+            if not args.skip_missing:
+                raise FileNotFoundError(
+                    f"stored set '{split}' not found under {args.pgd_root} (make it with "
+                    "`make attacks`, or pass --skip-missing)"
+                ) from None
+            logging.getLogger("revlit").warning("skipping missing stored set '%s'", split)
+            skipped.append(split)
+            continue
+        size = len(found[split]) if split in found else N_TEST
+        n = min(args.n or size, size)
+        if single_image_batches(n, args.batch_size, args.devices):
+            raise ValueError(
+                f"'{split}': {n} images in batches of {args.batch_size} on {args.devices} "
+                "device(s) leave a batch of one image (the contrastive loss needs negatives): "
+                "choose another --batch-size or --n"
+            )
+    return skipped
+
+
+def _per255(value) -> str:
+    """``16/255`` for a budget that is a whole number of 255ths, else the number."""
+    from revlit.utils import as_float
+
+    v = as_float(value, "value")
+    k = round(v * 255)
+    return f"{k}/255" if abs(v * 255 - k) < 1e-6 else f"{v:.6g}"
 
 
 def _header(args, records: list[dict], skipped: list[str]) -> str:
@@ -252,7 +316,8 @@ def _header(args, records: list[dict], skipped: list[str]) -> str:
         f"- SSL head: `{args.head}` (sha256 {(first.get('head') or {}).get('sha256', '?')[:12]})",
         f"- first {args.n or 'all'} test images per split; per-device batch {args.batch_size} "
         f"(the contrastive negatives); devices {args.devices} ({args.accelerator}, {args.strategy})",
-        f"- defense: {args.norm} ε_r={args.eps}, step {args.step_size}, {args.steps} steps, "
+        f"- defense: {args.norm} ε_r={_per255(args.eps)}, step {_per255(args.step_size)}, "
+        f"{args.steps} steps, "
         f"{args.n_views} views, select={args.select}, seed {args.seed}",
         f"- commit {git_commit()}; command: `python -m revlit.evaluate {' '.join(sys.argv[1:])}`",
         "- accuracy and CE loss of the classifier on the split as given (defense none) and after "

@@ -86,6 +86,21 @@ def _count_calls(monkeypatch, target: str, name: str) -> list:
     return calls
 
 
+def _count_hits(monkeypatch) -> list:
+    from revlit.parts import PartStore
+
+    real, hits = PartStore.get, []
+
+    def get(self, index):
+        out = real(self, index)
+        if out is not None:
+            hits.append(index)
+        return out
+
+    monkeypatch.setattr(PartStore, "get", get)
+    return hits
+
+
 def _leftovers(folder: Path) -> list[str]:
     """Anything beside or inside the result that a finished run should not leave."""
     beside = [p.name for p in folder.parent.iterdir() if p != folder]
@@ -102,7 +117,9 @@ def test_killed_attack_generation_resumes_byte_identical(template, tmp_path, mon
         wd = _fresh(template, tmp_path / f"trial{t}")
         info = _kill_at_random_moment("attack", wd, rng)
         calls = _count_calls(monkeypatch, "revlit.modules.attack", "pgd_attack")
+        hits = _count_hits(monkeypatch)
         out = resume_job.run("attack", wd)
+        assert len(hits) == info["kept"], (info, len(hits))
         got = {f: sha256_file(out / f) for f in files}
         assert got == want, info
         # nothing finished is recomputed (a kill after the set was complete reuses every batch)
@@ -119,7 +136,9 @@ def test_killed_evaluation_resumes_to_identical_predictions(template, tmp_path, 
         wd = _fresh(template, tmp_path / f"trial{t}")
         info = _kill_at_random_moment("evaluate", wd, rng)
         calls = _count_calls(monkeypatch, "torch", "rand")
+        hits = _count_hits(monkeypatch)
         out = resume_job.run("evaluate", wd)
+        assert len(hits) == info["kept"], (info, len(hits))
         got = torch.load(out / "predictions.pt", weights_only=True)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), info
         assert sha256_file(out / "predictions.pt") == sha256_file(ref / "predictions.pt"), info
@@ -137,7 +156,9 @@ def test_killed_defended_evaluation_resumes_prediction_identical(template, tmp_p
         wd = _fresh(template, tmp_path / f"trial{t}")
         info = _kill_at_random_moment("defense", wd, rng)
         calls = _count_calls(monkeypatch, "revlit.modules.defense", "defend_batch")
+        hits = _count_hits(monkeypatch)
         out = resume_job.run("defense", wd)
+        assert len(hits) == info["kept"], (info, len(hits))
         got = torch.load(out / "predictions.pt", weights_only=True)
         assert got.keys() == want.keys(), info
         for k in want:
