@@ -20,12 +20,13 @@ guarantee for the defended one; see ``make adaptive`` for attacks that target th
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from revlit.data.cifar import default_data_dir, find_batches
+from revlit.modules.defense import single_image_batches
+from revlit.utils import ArgumentParser, int_at_least
 
 ATTACKS = (("l_1", "pgd_l1"), ("l_2", "pgd_l2"), ("l_inf", "pgd_linf"))
 #: test images per split of the demo (the one definition; ``make demo`` passes N only if given)
@@ -40,18 +41,25 @@ def _cli(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m revlit.demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m revlit.demo", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--n", type=int, default=DEMO_N, help="first N test images (default: %(default)s)"
     )
     p.add_argument("--classifier", default="checkpoints/resnet20_at.pt")
     p.add_argument("--head", default="checkpoints/resnet20_at_head.pt")
     p.add_argument("--out", default="results/demo", help="output folder of the evaluation")
-    p.add_argument("--batch-size", type=int, default=256, help="purification batch (negatives)")
+    p.add_argument(
+        "--batch-size", type=int_at_least(2), default=256, help="purification batch (negatives)"
+    )
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10")
     args = p.parse_args(argv)
     if args.n < 2:
         p.error("--n must be >= 2 (the contrastive loss needs a batch)")
+    if single_image_batches(args.n, args.batch_size):  # checked before any attack set is made
+        p.error(
+            f"--n {args.n} in batches of {args.batch_size} leaves a batch of one image (the "
+            "contrastive loss needs negatives): choose another --batch-size or --n"
+        )
     for path in (args.classifier, args.head):
         if not Path(path).is_file():
             print(
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--config", f"configs/attack/{cfg}.yaml",
                 "--model.init_args.classifier", args.classifier,
                 "--model.init_args.set_name", name,
+                "--model.init_args.overwrite", "true",  # the demo's own sets
                 "--data.init_args.test_subset", str(args.n),
                 "--data.init_args.download", str(args.download).lower(),
                 "--run_name", f"demo_attack_{norm}",
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "--defenses", "none,reverse,noise",
         "--batch-size", str(args.batch_size),
         "--out", args.out,
+        "--overwrite",  # the demo's own folder, replaced when the new table is complete
     ]  # fmt: skip
     print(f"\n$ python -m revlit.evaluate {' '.join(eval_args)}", flush=True)
     rc = evaluate_main(eval_args)
