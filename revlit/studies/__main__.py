@@ -22,6 +22,7 @@ from pathlib import Path
 
 from revlit.studies import STUDIES, get_study
 from revlit.studies.context import add_common_args, context_from_args
+from revlit.utils import ArgumentParser
 
 
 def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
@@ -49,7 +50,7 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(  # one-line usage errors, in every study's sub-parser too
         prog="python -m revlit.studies",
         description="revlit's studies of the reverse-attack defense (see docs/studies/).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
