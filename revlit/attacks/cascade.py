@@ -14,8 +14,8 @@ Attack specs are small framework-free classes (YAML selects them with ``class_pa
   default) or a cheaper ``inner`` one;
 - :class:`DefenseAwarePGD`: Mao et al.'s own adaptive attack, CE − λ·L_ssl.
 
-:func:`run_cascade` runs them in order of estimated cost and, as AutoAttack does between its
-attacks, attacks only points not yet broken: a point broken once (misclassified by some draw of the
+:func:`run_cascade` runs them (transfer attacks first, then the adaptive ones, each group in order
+of estimated cost, :func:`order_by_cost`) and, as AutoAttack does between its attacks, attacks only points not yet broken: a point broken once (misclassified by some draw of the
 deployed purifier at its final point, or at an iterate of an attack that ran the deployed purifier)
 keeps the point that broke it and is never attacked again. The purifier's contrastive loss takes its
 negatives from the batch, so an attack purifies the still-unbroken images of its test batch together
@@ -176,7 +176,7 @@ class BPDAEOT:
 
     kind = "adaptive"
 
-    def __init__(self, attack: str = "apgd_ce", steps: int = 10, eot: int = 1,
+    def __init__(self, attack: str = "apgd_ce", steps: int = 20, eot: int = 1,
                  restarts: int = 1, inner: ReversePurifier | None = None) -> None:  # fmt: skip
         if attack not in BPDA:
             raise ValueError(f"BPDA+EOT attack must be one of {', '.join(BPDA)}: {attack!r}")
@@ -237,7 +237,7 @@ class DefenseAwarePGD:
     kind = "adaptive"
     name = "defense_aware"
 
-    def __init__(self, steps: int = 10, lam: float = 10.0, ssl_views: int = 2,
+    def __init__(self, steps: int = 20, lam: float = 10.0, ssl_views: int = 2,
                  restarts: int = 1) -> None:  # fmt: skip
         self.steps, self.restarts = _count("steps", steps), _count("restarts", restarts)
         self.lam, self.ssl_views = float(lam), _count("ssl_views", ssl_views)
@@ -275,10 +275,10 @@ Attack = Transfer | BPDAEOT | DefenseAwarePGD
 
 
 def default_attacks() -> list[Attack]:
-    """Transfer PGD-10 and APGD-CE+DLR-100 (the static reference), then BPDA+EOT APGD-CE,
-    APGD-DLR and PGD through the deployed purifier (10 iterations, m = 1), cheapest first."""
-    return [Transfer("pgd", 10), Transfer("apgd_ce_dlr", 100), BPDAEOT("apgd_ce"),
-            BPDAEOT("apgd_dlr"), BPDAEOT("pgd")]  # fmt: skip
+    """Transfer PGD-10 and APGD-CE+DLR-100 (the static reference), defense-aware PGD-20, then
+    BPDA+EOT APGD-CE, APGD-DLR and PGD through the deployed purifier (20 iterations, m = 1)."""
+    return [Transfer("pgd", 10), Transfer("apgd_ce_dlr", 100), DefenseAwarePGD(20),
+            BPDAEOT("apgd_ce", 20), BPDAEOT("apgd_dlr", 20), BPDAEOT("pgd", 20)]  # fmt: skip
 
 
 def _settings(p) -> dict:

@@ -241,3 +241,22 @@ def test_shipped_configs_name_real_arguments(cfg):
     assert conf["trainer"]["inference_mode"] is False
     text = cfg.read_text().lower()
     assert "issue" not in text and "session" not in text
+
+
+def test_the_table_preset_is_the_modules_default_budget():
+    """configs/adaptive/table.yaml spells out the module's defaults: the two cannot drift apart."""
+    import importlib
+
+    from revlit.attacks.cascade import default_attacks
+
+    conf = yaml.safe_load((REPO / "configs" / "adaptive" / "table.yaml").read_text())
+    specs = []
+    for a in conf["model"]["init_args"]["attacks"]:
+        mod, _, name = a["class_path"].rpartition(".")
+        specs.append(getattr(importlib.import_module(mod), name)(**a["init_args"]))
+    assert [s.settings() for s in specs] == [s.settings() for s in default_attacks()]
+    defense = conf["model"]["init_args"]["defense"]["init_args"]
+    assert all(getattr(ReversePurifier(), k) == v for k, v in defense.items())
+    params = inspect.signature(AdaptiveModule.__init__).parameters
+    for key in ("draws", "cascade", "norm"):
+        assert conf["model"]["init_args"][key] == params[key].default, key
