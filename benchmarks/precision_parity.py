@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not machine()["bf16_supported"]:
+        print("note: this CPU has no bf16 instructions (avx512_bf16 / AMX): the bf16 runs are "
+              "emulated and slow; their accuracy is still what bf16 gives", flush=True)  # fmt: skip
     seconds: dict[str, float] = {}
     linf = parts["linf"]
     if linf is None:
