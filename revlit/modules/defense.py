@@ -92,10 +92,8 @@ class DefenseModule(pl.LightningModule):
 
     def defense_settings(self) -> dict:
         """Settings of the defense for records (method, ball, steps, views, loss, seed)."""
-        trainer = getattr(self, "_trainer", None)
         return {**self.defense.settings(), **self.ssl_setting, "seed": self.seed,
-                "seeding": BATCH_SEEDING,
-                "trainer_precision": str(trainer.precision) if trainer is not None else None}  # fmt: skip
+                "seeding": BATCH_SEEDING, "trainer_precision": getattr(self._trainer, "precision", None)}  # fmt: skip
 
     def passes_per_image(self, method: str | None = None) -> int:
         """Backbone passes per image of the defended prediction (``"none"``: the plain one)."""
