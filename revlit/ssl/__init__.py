@@ -6,6 +6,7 @@ from revlit.ssl.head import (
     SSLHead,
     head_training,
     load_head,
+    mean_ssl_loss,
     save_head,
     ssl_loss,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "SimCLRViews",
     "head_training",
     "load_head",
+    "mean_ssl_loss",
     "save_head",
     "ssl_loss",
 ]

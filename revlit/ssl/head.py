@@ -227,7 +227,7 @@ def ssl_loss(
         generator: CPU generator for the views (same seed -> same views).
         reduction: ``"mean"`` (scalar) or ``"none"`` (per image, (N,)).
         chunk: if set, run the backbone over chunks of at most this many views (one graph, one
-            loss); avoids the large-allocation page faults measured on CPU (DESIGN.md §4).
+            loss; the same features for any chunking): bounds the size of single allocations.
         lean: run the backbone under :func:`revlit.models.lean.lean_input_grad` (one context for
             all chunks): a frozen, eval-mode classifier then keeps only 1-byte ReLU masks for the
             backward pass instead of its float activations; the input gradient is bitwise the
@@ -245,10 +245,53 @@ def ssl_loss(
 
         loss = ContrastiveLoss(loss)
     v = views(x, n_views, generator)
-    v = v.contiguous(memory_format=torch.channels_last)  # 1.1-1.8x faster convs (DESIGN.md)
+    v = v.contiguous(memory_format=torch.channels_last)  # faster convolutions (docs/speed.md)
     with lean_input_grad(arena, relu_float_bytes) if lean else contextlib.nullcontext():
         if chunk is not None and chunk > 0 and v.shape[0] > chunk:
             feats = torch.cat([classifier.features(part) for part in v.split(chunk)])
         else:
             feats = classifier.features(v)
     return loss(head(feats), n_views, reduction=reduction)
+
+
+@torch.no_grad()
+def mean_ssl_loss(
+    classifier: nn.Module,
+    head: nn.Module,
+    views: nn.Module,
+    loss,
+    x: torch.Tensor,
+    n_views: int,
+    batch_size: int,
+    seed: int,
+    chunk: int | None = None,
+    device: torch.device | str | None = None,
+) -> float:
+    """Mean :func:`ssl_loss` per image of ``x``, in batches of ``batch_size``, without gradients.
+
+    Batch ``j`` draws its views from a generator seeded ``seed + j``, so two image sets of the
+    same size (clean images and their attacked versions, Mao et al., ICCV 2021) are compared on
+    the same batches with the same views. A batch of one image has no negatives and is skipped.
+    Modes are left as they are (eval mode for a comparison).
+
+    Args:
+        classifier, head, views, loss, n_views, chunk: as in :func:`ssl_loss`.
+        x: images in [0, 1], (N, 3, H, W), on any device.
+        batch_size: images per batch (the contrastive negatives come from the batch).
+        seed: view seed of the first batch.
+        device: where each batch is evaluated (default: where ``x`` is).
+
+    Returns:
+        The mean loss per image (0.0 when no batch has two images).
+    """
+    gen = torch.Generator()
+    total, n = 0.0, 0
+    for j, xb in enumerate(x.split(batch_size)):
+        if len(xb) < 2:
+            continue
+        gen.manual_seed(seed + j)
+        xb = (xb if device is None else xb.to(device)).contiguous(memory_format=torch.channels_last)
+        loss_b = ssl_loss(classifier, head, views, loss, xb, n_views, gen, "mean", chunk)
+        total += float(loss_b) * len(xb)
+        n += len(xb)
+    return total / max(n, 1)

@@ -134,10 +134,10 @@ def train_head(
         "classifier_path": str(classifier),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    save_head(module.head, path, module.classifier_sha256, meta)
+    save_head(module.head, path, module.classifier_info["sha256"], meta)
     if log:
         log(f"head {spec.key()}: {trainer.global_step} steps in {seconds:.0f} s")
-    return load_head(path, module.classifier_sha256)
+    return load_head(path, module.classifier_info["sha256"])
 
 
 def _feature_dim(classifier: str) -> int:

@@ -1,18 +1,22 @@
-"""SSLHeadModule: frozen eval classifier (bit-identical after fit), head export, adv_set metrics."""
+"""SSLHeadModule: frozen eval classifier (bit-identical after fit), head export, adv_set metrics
+(the callbacks the module adds)."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
+from revlit.callbacks.export import ExportHead
+from revlit.callbacks.ssl_adv import ADV_SEED_OFFSET, AdvSSLLoss
 from revlit.data.datamodule import CIFAR10DataModule
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import load_classifier, sha256_file
 from revlit.modules.ssl_head import SSLHeadModule
-from revlit.ssl import SimCLRViews, SSLHead, load_head
+from revlit.ssl import SimCLRViews, SSLHead, load_head, mean_ssl_loss
 
 
 def _dm(root, **kw) -> CIFAR10DataModule:
@@ -83,6 +87,31 @@ def test_fit_keeps_classifier_bit_identical_and_exports_head(
         assert torch.equal(v, after[k])
 
 
+def test_export_keeps_the_head_of_the_best_val_loss(tiny_cifar_dir, tiny_classifier_ckpt, tmp_path):
+    torch.manual_seed(0)
+    module = SSLHeadModule(str(tiny_classifier_ckpt), lr=1.0, export_path=str(tmp_path / "h.pt"))
+    assert [type(c) for c in module.configure_callbacks()] == [ExportHead]
+    assert SSLHeadModule(str(tiny_classifier_ckpt)).configure_callbacks() == []
+    seen = []
+
+    class Spy(pl.Callback):  # runs before the module's callbacks
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                state = {k: v.clone() for k, v in pl_module.head.state_dict().items()}
+                seen.append((float(trainer.callback_metrics["val/loss"]), state))
+
+    trainer = _trainer(tmp_path, max_epochs=4, limit_val_batches=2, callbacks=[Spy()])
+    trainer.fit(module, datamodule=_dm(tiny_cifar_dir))
+    losses = [v for v, _ in seen]
+    best = losses.index(min(losses))
+    assert len(seen) == 4 and best < 3  # a later epoch was worse: best is not last
+    ckpt = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert ckpt["meta"]["epoch"] == best and ckpt["meta"]["val_loss"] == pytest.approx(min(losses))
+    assert ckpt["meta"]["val_chance"] == pytest.approx(math.log(10 * 2 - 1))
+    for k, v in seen[best][1].items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+
+
 def test_train_cannot_flip_the_classifier(tiny_classifier_ckpt):
     module = SSLHeadModule(str(tiny_classifier_ckpt))
     module.train()
@@ -132,11 +161,18 @@ def test_adv_set_metrics_and_mismatch_refusal(
     trainer.fit(module, datamodule=_dm(tiny_cifar_dir))
     m = trainer.callback_metrics
     assert {"val/ssl_clean", "val/ssl_adv", "val/ssl_adv_minus_clean"} <= set(m)
-    c, a = module.adv_losses()
+    (cb,) = [c for c in module.configure_callbacks() if isinstance(c, AdvSSLLoss)]
+    c, a = cb.losses(module.eval())  # as in validation: head and classifier in eval mode
+    assert (m["val/ssl_clean"].item(), m["val/ssl_adv"].item()) == pytest.approx((c, a))
     assert c != a  # the attacked images give a different loss
-    assert module.adv_losses() == (c, a)  # same batches, same view seeds: reproducible
+    assert cb.losses(module) == (c, a)  # same batches, same view seeds: reproducible
     # clean half of the comparison really is the clean test images at those indices
-    assert torch.equal(module._adv[0], clean)
+    assert torch.equal(cb.images[0], clean) and torch.equal(cb.images[1], adv)
+    # the comparison is the framework-free mean over batches of 6 with seeds offset per batch
+    seed = module.views_seed + ADV_SEED_OFFSET
+    parts = (module.classifier, module.head, module.views, module.loss)
+    assert mean_ssl_loss(*parts, clean, 2, 6, seed) == pytest.approx(c)
+    assert mean_ssl_loss(*parts, clean, 2, 6, seed + 1) != pytest.approx(c)
 
     save_stored_set(tmp_path / "pgd" / "other", adv, y[:12], idx, {"classifier_sha256": "f" * 64})
     other = SSLHeadModule(

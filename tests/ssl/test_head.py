@@ -1,4 +1,4 @@
-"""SSLHead, head checkpoints (refused on another classifier) and ssl_loss."""
+"""SSLHead, head checkpoints (refused on another classifier), ssl_loss and mean_ssl_loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import CheckpointError
-from revlit.ssl import SimCLRViews, SSLHead, load_head, save_head, ssl_loss
+from revlit.ssl import SimCLRViews, SSLHead, load_head, mean_ssl_loss, save_head, ssl_loss
 from tests.helpers import tiny_classifier
 
 
@@ -76,3 +76,21 @@ def test_ssl_loss_input_gradient_and_reproducibility(mode):
     chunked = ssl_loss(clf, head, views, "nt_xent", x, 2, torch.Generator().manual_seed(1), chunk=3)
     torch.testing.assert_close(chunked, val, atol=1e-5, rtol=1e-5)
     assert all(p.grad is None for p in clf.parameters())
+
+
+def test_mean_ssl_loss_is_the_image_weighted_mean_of_seeded_batches():
+    clf = tiny_classifier().eval()
+    torch.manual_seed(0)
+    head = SSLHead(clf.feature_dim).eval()
+    parts = (clf, head, SimCLRViews(), ContrastiveLoss())
+    x = torch.rand(11, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # batches of 5, 5 and a last batch of one image (no negatives: skipped)
+    want = [
+        float(ssl_loss(*parts, xb, 2, torch.Generator().manual_seed(7 + j)))
+        for j, xb in enumerate(x[:10].split(5))
+    ]
+    got = mean_ssl_loss(*parts, x, 2, batch_size=5, seed=7)
+    assert got == pytest.approx(sum(want) / 2, rel=1e-6)
+    assert mean_ssl_loss(*parts, x, 2, batch_size=5, seed=7) == got  # same seeds, same views
+    assert mean_ssl_loss(*parts, x, 2, batch_size=5, seed=8) != pytest.approx(got)
+    assert mean_ssl_loss(*parts, x[:1], 2, batch_size=5, seed=7) == 0.0
