@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from revlit.data.cifar import default_data_dir, find_batches
-from revlit.modules.defense import single_image_batches
+from revlit.defenses.evaluate import single_image_batches
 from revlit.utils import ArgumentParser, int_at_least
 
 ATTACKS = (("l_1", "pgd_l1"), ("l_2", "pgd_l2"), ("l_inf", "pgd_linf"))

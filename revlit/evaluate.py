@@ -190,8 +190,7 @@ def _run_one(args, split: str, defense: str, out_dir: Path, run_name: str):
         test_subset=args.n if args.n > 0 else None,
         allow_mismatch=args.allow_mismatch,
     )
-    writer = DefenseWriter(str(out_dir))
-    writer.overwrite, writer.resume = args.overwrite, args.resume
+    writer = DefenseWriter(str(out_dir), overwrite=args.overwrite, resume=args.resume)
     tag = Path(split).name
     trainer = pl.Trainer(
         accelerator=args.accelerator,
@@ -253,8 +252,8 @@ def preflight(args, sets: list[str]) -> list[str]:
     for this classifier), n and the batch (no batch of one image on any device).
     """
     from revlit.data.stored import StoredSetNotFound, check_stored_sets
+    from revlit.defenses.evaluate import single_image_batches
     from revlit.models import load_classifier
-    from revlit.modules.defense import single_image_batches
     from revlit.ssl import load_head
 
     out = Path(args.out)

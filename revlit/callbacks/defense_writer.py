@@ -145,11 +145,19 @@ class DefenseWriter(RankMergeWriter):
         output_dir: the run's folder, e.g. ``results/<run>``; default ``results/<logger name>``
             (revlit's CLI names the logger after ``--run_name``), else ``results/defense``.
         write_csv: also write ``predictions.csv``.
+        overwrite, resume: see :class:`revlit.callbacks.writers.RankMergeWriter`.
     """
 
-    def __init__(self, output_dir: str | None = None, write_csv: bool = True) -> None:
-        super().__init__(output_dir or "results/defense")
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        write_csv: bool = True,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> None:
+        super().__init__(output_dir or "results/defense", overwrite, resume)
         self.explicit_dir = output_dir is not None
+        self.result_dir = self.output_dir  # where the result lands (finalize writes a staging copy)
         self.write_csv = write_csv
         self.records: list[dict] = []
         self.t0: float | None = None
@@ -161,6 +169,7 @@ class DefenseWriter(RankMergeWriter):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self.t0, self.records, self.merged = time.perf_counter(), [], None
+        self.result_dir = self.output_dir
 
     def finalize(self, merged: dict[str, torch.Tensor], trainer, pl_module) -> None:
         wall = time.perf_counter() - self.t0 if self.t0 is not None else None
@@ -182,7 +191,7 @@ class DefenseWriter(RankMergeWriter):
         if wall:
             log.info(
                 "wrote %s (%d images, %.1f images/s over the run)",
-                out,
+                self.result_dir,
                 len(merged["index"]),
                 len(merged["index"]) / wall,
             )

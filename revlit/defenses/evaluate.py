@@ -184,3 +184,21 @@ def bind_defense(
         getattr(defense, "chunk_size", SETTINGS["chunk_size"]),
     )  # fmt: skip
     return defense, probe, {**used, "view_mode": getattr(views, "mode", None)}
+
+
+def single_image_batches(n: int, batch_size: int, world_size: int = 1) -> list[int]:
+    """Shard sizes whose last batch would hold one image (no negatives for the SSL loss), under
+    Lightning's predict sampler (rank r gets r, r + W, ...) and its padded test sampler."""
+    w = max(int(world_size), 1)
+    counts = {len(range(r, n, w)) for r in range(w)} | {-(-n // w)}
+    return sorted(c for c in counts if c % batch_size == 1)
+
+
+def check_batches(n: int, batch_size: int, world_size: int = 1) -> None:
+    """Refuse (ValueError, one line) ``n`` images in batches that would leave a batch of one."""
+    if single_image_batches(n, batch_size, world_size):
+        raise ValueError(
+            f"with {n} images, batch size {batch_size} and {world_size} device(s) a batch of 1 "
+            "image would occur, but the contrastive loss takes its negatives from the batch: "
+            "choose another eval_batch_size or number of images"
+        )

@@ -32,10 +32,9 @@ from revlit.callbacks.adaptive_report import describe
 from revlit.callbacks.writers import finished_batch
 from revlit.defenses import ReversePurifier, check_images
 from revlit.defenses.bank import load_bank
-from revlit.defenses.evaluate import bind_defense
+from revlit.defenses.evaluate import bind_defense, check_batches
 from revlit.losses import make_loss
 from revlit.models.checkpoint import load_classifier
-from revlit.modules.defense import single_image_batches
 from revlit.ssl.head import head_training, load_head
 from revlit.utils import as_float
 
@@ -49,7 +48,8 @@ class AdaptiveModule(pl.LightningModule):
     """Adaptive evaluation of a purification defense (``cli.py predict``).
 
     Args:
-        classifier: classifier checkpoint (:func:`revlit.models.load_classifier`).
+        classifier: any classifier spec of :func:`revlit.models.load_classifier` (a checkpoint,
+            a user module ``{class_path, init_args, weights}``, ``robustbench:<name>``).
         head: SSL head checkpoint trained on that classifier.
         bank: a bank of clean negatives (:mod:`revlit.defenses.bank`): the purifier contrasts each
             image with it instead of its batch-mates (batch-independent); ``None``: in-batch.
@@ -69,7 +69,7 @@ class AdaptiveModule(pl.LightningModule):
 
     def __init__(
         self,
-        classifier: str = "checkpoints/resnet20_at.pt",
+        classifier: str | dict = "checkpoints/resnet20_at.pt",
         head: str = "checkpoints/resnet20_at_head.pt",
         bank: str | None = None,
         defense: ReversePurifier | None = None,
@@ -130,12 +130,8 @@ class AdaptiveModule(pl.LightningModule):
                 "AdaptiveModule attacks clean test images; use --data.init_args.eval_set clean"
             )
         ds, bs = getattr(dm, "test_set", None), getattr(dm, "eval_batch_size", None)
-        if ds is not None and bs and single_image_batches(len(ds), int(bs), trainer.world_size):
-            raise ValueError(
-                f"with {len(ds)} images, batch size {bs} and {trainer.world_size} device(s) a batch "
-                "of 1 image would occur, but the contrastive loss takes its negatives from the "
-                "batch: choose another eval_batch_size or number of images"
-            )
+        if ds is not None and bs:
+            check_batches(len(ds), int(bs), trainer.world_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -1,12 +1,11 @@
 """DefenseModule: classify test batches without and with an injected test-time defense.
 
-Orchestration only: loads the classifier and its SSL head, binds the :class:`revlit.defenses.Defense`
-YAML selects (``class_path``: :class:`~revlit.defenses.ReversePurifier`, the reverse attack of Mao
-et al., ICCV 2021; :class:`~revlit.defenses.RandomNoise`; :class:`~revlit.defenses.NoDefense`) and
-runs the one defended-evaluation loop, :func:`revlit.defenses.evaluate.defend_batch`, in
-``predict`` (rows for :class:`revlit.callbacks.defense_writer.DefenseWriter`) and ``test``
-(torchmetrics). Seeding: :mod:`revlit.seeding`; the negatives come from the batch, so results
-depend on the per-device batch size but not on rank or order.
+Orchestration only: loads the classifier and its SSL head, binds the YAML-selected
+:class:`revlit.defenses.Defense` (:class:`~revlit.defenses.ReversePurifier`, the reverse attack of
+Mao et al., ICCV 2021; ``RandomNoise``; ``NoDefense``) and runs the one defended-evaluation loop,
+:func:`revlit.defenses.evaluate.defend_batch`, in ``predict`` (rows for the DefenseWriter) and
+``test`` (torchmetrics). Seeding: :mod:`revlit.seeding`; results depend on the per-device batch
+size (the negatives), not on rank or order.
 """
 
 from __future__ import annotations
@@ -19,28 +18,16 @@ import torchmetrics
 
 from revlit.callbacks.writers import finished_batch
 from revlit.defenses import Defense
-from revlit.defenses.evaluate import bind_defense, defend_batch
+from revlit.defenses.evaluate import bind_defense, check_batches, defend_batch
 from revlit.models.checkpoint import load_classifier
-from revlit.seeding import BATCH_SEEDING, batch_seed  # noqa: F401  (batch_seed: re-exported)
-from revlit.ssl.head import head_training, load_head
+from revlit.seeding import BATCH_SEEDING
+from revlit.ssl.head import load_head
 
 log = logging.getLogger("revlit")
 INFERENCE_MODE_MSG = (
     "DefenseModule needs input gradients (the reverse attack), but the Trainer runs {stage} under "
     "torch.inference_mode: pass --trainer.inference_mode false (revlit's CLI default)"
 )
-
-
-def _head_record(info: dict) -> dict:  # what the head's record states, no defaults
-    return head_training(info, defaults=False)
-
-
-def single_image_batches(n: int, batch_size: int, world_size: int = 1) -> list[int]:
-    """Shard sizes whose last batch would hold one image (no negatives for the SSL loss), under
-    Lightning's predict sampler (rank r gets r, r + W, ...) and its padded test sampler."""
-    w = max(int(world_size), 1)
-    counts = {len(range(r, n, w)) for r in range(w)} | {-(-n // w)}
-    return sorted(c for c in counts if c % batch_size == 1)
 
 
 class DefenseModule(pl.LightningModule):
@@ -108,12 +95,8 @@ class DefenseModule(pl.LightningModule):
         if dm is not None and hasattr(dm, "check_classifier"):
             dm.check_classifier(self.classifier_info["sha256"])
         ds, bs = getattr(dm, "test_set", None), getattr(dm, "eval_batch_size", None)
-        if ds is not None and bs and single_image_batches(len(ds), int(bs), trainer.world_size):
-            raise ValueError(
-                f"with {len(ds)} images, batch size {bs} and {trainer.world_size} device(s) a "
-                "batch of 1 image would occur, but the contrastive loss takes its negatives "
-                "from the batch: choose another eval_batch_size or number of images"
-            )
+        if ds is not None and bs:
+            check_batches(len(ds), int(bs), trainer.world_size)
 
     def _check_grad_mode(self, stage: str) -> None:
         loop = getattr(self.trainer, f"{stage}_loop", None)

@@ -82,7 +82,7 @@ class Parts:
 
 
 def load_parts(
-    classifier: str | os.PathLike,
+    classifier: str | os.PathLike | dict,
     head: str | os.PathLike,
     bank: str | os.PathLike | None = "auto",
     allow_mismatch: bool = False,
@@ -90,7 +90,7 @@ def load_parts(
     """Load classifier + head (+ bank) and freeze them.
 
     Args:
-        classifier: revlit classifier checkpoint.
+        classifier: any classifier spec of :func:`revlit.models.load_classifier`.
         head: SSL head checkpoint trained on that classifier (refused otherwise).
         bank: bank file, ``"auto"`` (``<head stem>_bank.pt`` if it exists) or ``None``.
         allow_mismatch: accept a head/bank made for another classifier/head.

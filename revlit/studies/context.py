@@ -19,7 +19,7 @@ class Context:
     :mod:`revlit.studies.quick`.
     """
 
-    classifier: str
+    classifier: str | dict
     head: str
     bank: str | None
     data_dir: str | None

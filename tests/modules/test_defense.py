@@ -18,9 +18,10 @@ from revlit.data.cifar import load_cifar10
 from revlit.data.datamodule import CIFAR10DataModule
 from revlit.data.stored import save_stored_set
 from revlit.defenses import NoDefense, RandomNoise, ReversePurifier
+from revlit.defenses.evaluate import single_image_batches
 from revlit.losses import ContrastiveLoss
 from revlit.models.checkpoint import sha256_file
-from revlit.modules.defense import DefenseModule, single_image_batches
+from revlit.modules.defense import DefenseModule
 from revlit.records import FIELDS, load_record
 from revlit.ssl import SimCLRViews, SSLHead, save_head
 
@@ -363,3 +364,34 @@ def test_the_eight_configs_parse_and_one_runs(tmp_path, tiny_cifar_dir, ckpts, c
     assert rec["data"]["split"] == "resnet20_at_l_inf" and rec["attack"]["kind"] == "transfer"
     assert rec["n"] == 8 and rec["defense"]["steps"] == 1
     assert any((tmp_path / "logs" / "defense_l_inf_defended").rglob("events.out.tfevents*"))
+
+
+def test_writer_overwrite_resume_are_init_arguments_and_it_names_the_final_folder(
+    tmp_path, tiny_cifar_dir, ckpts, caplog
+):
+    import logging
+
+    clf, head = ckpts
+    out = tmp_path / "res" / "run"
+
+    def run(**kw) -> None:
+        module = DefenseModule(str(clf), str(head), defense=NoDefense(), viz_images=0)
+        t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, inference_mode=False,
+                       callbacks=[DefenseWriter(str(out), write_csv=False, **kw)])  # fmt: skip
+        t.predict(module, datamodule=datamodule(tiny_cifar_dir, n=8, bs=4))
+
+    with caplog.at_level(logging.INFO, logger="revlit"):
+        run()
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    assert wrote and wrote[-1].startswith(f"wrote {out} (") and ".partial" not in wrote[-1]
+    with pytest.raises(ValueError, match="already exists"):
+        run()
+    first = (out / "record_none.json").read_text()
+    run(resume=True)  # same settings: the finished rows are reused
+    assert json.loads((out / "record_none.json").read_text())["n"] == 8
+    run(overwrite=True)
+    assert (
+        json.loads((out / "record_none.json").read_text())["accuracy"]
+        == json.loads(first)["accuracy"]
+    )
