@@ -180,7 +180,7 @@ def load_cifar10(
     if check_md5:
         bad = [f for f in files if _md5(folder / f) != TORCHVISION_MD5[f]]
         if bad:
-            log.info(
+            log.debug(
                 "CIFAR-10 in %s: md5 differs from torchvision's list for %s; loading it anyway",
                 folder,
                 ", ".join(bad),

@@ -33,16 +33,18 @@ def test_loads_exactly_what_was_written(tiny_cifar_dir):
 
 
 @pytest.mark.parametrize("as_batches_folder", [False, True])
-def test_root_or_batches_folder_and_md5_line(tiny_cifar_dir, caplog, as_batches_folder):
+def test_root_or_batches_folder_and_md5_debug_line(tiny_cifar_dir, caplog, as_batches_folder):
     folder = tiny_cifar_dir / BATCH_DIR if as_batches_folder else tiny_cifar_dir
     assert find_batches(folder) == tiny_cifar_dir / BATCH_DIR
-    with caplog.at_level(logging.INFO, logger="revlit"):
+    with caplog.at_level(logging.DEBUG, logger="revlit"):
         x, y = load_cifar10(folder, train=False)
     assert len(y) == 40
     lines = [r.getMessage() for r in caplog.records if "md5" in r.getMessage()]
     assert len(lines) == 1 and "test_batch" in lines[0] and "loading it anyway" in lines[0]
+    # nothing the user can act on: debug only
+    assert [r.levelno for r in caplog.records if "md5" in r.getMessage()] == [logging.DEBUG]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="revlit"):
+    with caplog.at_level(logging.DEBUG, logger="revlit"):
         load_cifar10(folder, train=False, check_md5=False)
     assert not [r for r in caplog.records if "md5" in r.getMessage()]
 

@@ -22,7 +22,7 @@ def _dm(root, **kw) -> CIFAR10DataModule:
 def test_loads_root_or_batches_folder_and_logs_md5(tiny_cifar_dir, caplog, as_batches_folder):
     folder = tiny_cifar_dir / BATCH_DIR if as_batches_folder else tiny_cifar_dir
     dm = _dm(folder)
-    with caplog.at_level(logging.INFO, logger="revlit"):
+    with caplog.at_level(logging.DEBUG, logger="revlit"):
         dm.setup("fit")
     assert len(dm.train_set) == 80 and len(dm.val_set) == 20 and len(dm.test_set) == 40
     md5_lines = [r.getMessage() for r in caplog.records if "md5 differs" in r.getMessage()]
