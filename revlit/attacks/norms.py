@@ -30,12 +30,12 @@ import torch
 from revlit.seeding import per_image_generators
 
 # Default fraction of the coordinates the sparse L1 step moves (see ``l1_step``). SLIDE's default
-# (cleverhans ``grad_sparsity=99``) is the top 1 %; it also beat 2, 5 and 10 % on revlit's ResNet-20.
+# (cleverhans ``grad_sparsity=99``) is the top 1 %.
 L1_TOPK_DEFAULT = 0.01
 
 
 class Norm(str, Enum):
-    """The threat models of revlit; values are the seed's spellings (``--norm l_inf``)."""
+    """The threat models of revlit; values are the command-line spellings (``--norm l_inf``)."""
 
     LINF = "l_inf"
     L2 = "l_2"

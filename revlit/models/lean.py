@@ -15,13 +15,13 @@ the input gradient needs:
   ``ConvolutionBackward0`` makes — on an *unread* placeholder of the input's shape and strides.
 * ``batch_norm`` (eval mode, frozen affine): nothing but per-channel vectors. Backward is the
   product ATen's eval-mode CPU kernel computes, ``(grad * invstd) * weight`` with ``invstd``
-  rounded from double, as two broadcast products (same bits, ~0.7x the time); elsewhere (other
+  rounded from double, as two broadcast products (the same bits); elsewhere (other
   devices or dtypes) ATen's ``native_batch_norm_backward`` itself, on an unread placeholder.
 * ``relu``: a 1-byte mask ``output > 0`` instead of the 4-byte output. Backward multiplies the
   incoming gradient by the mask, which equals ``threshold_backward`` for finite gradients.
-  Making the masks costs a pass over the outputs (5–16 % of a ResNet-20 forward in paired A/Bs),
-  so with a budget (``relu_float_bytes``) the first ReLU outputs are kept as floats by autograd's
-  own ReLU, and masks are made only past it: the same gradient either way.
+  Making the masks costs a pass over the outputs, so with a budget (``relu_float_bytes``) the
+  first ReLU outputs are kept as floats by autograd's own ReLU, and masks are made only past it:
+  the same gradient either way.
 
 So the input gradient is the same kernels on the same numbers: bitwise equal to autograd's (tests
 check it on ResNet, pre-activation ResNet and WideResNet blocks, in both memory formats, with the
@@ -300,9 +300,9 @@ class lean_input_grad(TorchFunctionMode):  # noqa: N801 - used like a function: 
             before each forward.
         relu_float_bytes: the first ReLU outputs of the block, up to this many bytes in all,
             are kept as floats by autograd's own ReLU (its ``threshold_backward``, the same
-            gradient) instead of as masks: making masks costs 5–16 % of a ResNet-20 forward
-            (measured), so a step that fits in this budget runs faster at the cost of 4x the
-            ReLU memory. Default 0: masks only.
+            gradient) instead of as masks: making masks costs a pass over the outputs, so a
+            step that fits in this budget runs faster at the cost of 4x the ReLU memory (see
+            docs/speed.md). Default 0: masks only.
 
     Attributes:
         replaced: how many calls of each op were replaced (for tests and diagnostics).

@@ -39,7 +39,7 @@ class AttackModule(pl.LightningModule):
         set_name: name of the stored set (folder under the writer's root).
         l1_topk: fraction of coordinates the sparse L1 step moves (top-k by |gradient|).
         random_start: start from a random point of the ball (else from the clean image).
-        attack_iters: the seed's spelling of ``steps`` (``--model.init_args.attack_iters 5``);
+        attack_iters: another name for ``steps`` (``--model.init_args.attack_iters 5``);
             overrides ``steps`` when given.
         overwrite: let the writer replace an existing stored set of this name.
     """

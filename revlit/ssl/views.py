@@ -27,7 +27,7 @@ implemented here on batches without a per-image python loop:
   between images in ``per_sample`` mode and between views in ``shared`` mode. Brightness,
   contrast and saturation clamp to [0, 1] as torchvision's ``_blend`` does; the hue shift goes
   through a differentiable RGB -> HSV -> RGB round trip (torchvision v2's hue is not
-  differentiable, see DESIGN.md).
+  differentiable w.r.t. the images).
 * grayscale: luminance 0.299 R + 0.587 G + 0.114 B copied to the three channels.
 
 Randomness: every parameter is drawn on the CPU from the given ``torch.Generator`` (or torch's

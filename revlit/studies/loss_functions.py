@@ -1,9 +1,9 @@
 """Study 1 — loss functions: one SSL head per loss in revlit, same budget and seed.
 
 Mao et al. (ICCV 2021) train their head with NT-Xent and reverse attacks by lowering the same loss;
-the reimplementation revlit grows from left "using different loss function" as a TODO. revlit has
-three losses (:mod:`revlit.losses.contrastive`): the authors' NT-Xent (target = first other view),
-the multi-positive NT-Xent (SupCon L_out) and the negative-free alignment loss. For each, a head is
+this study asks whether another loss serves the defense better. revlit has three losses
+(:mod:`revlit.losses.contrastive`): the authors' NT-Xent (target = first other view), the
+multi-positive NT-Xent (SupCon L_out) and the negative-free alignment loss. For each, a head is
 trained on the frozen shipped classifier with the SAME budget (images seen), batch, learning rate
 and seed (:mod:`revlit.studies.heads`), and the study reports
 

@@ -161,7 +161,7 @@ def test_a_reusing_arena_hands_out_its_blocks_again_and_refuses_stale_masks():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu_the_placeholders_are_never_read(nan_placeholders, monkeypatch):
-    """For a GPU session: run this, and if it passes add "cuda" to lean.VERIFIED_DEVICES."""
+    """On a GPU machine: if this passes, "cuda" may be added to lean.VERIFIED_DEVICES."""
     monkeypatch.setattr(lean_mod, "VERIFIED_DEVICES", ("cpu", "cuda"))
     model = _frozen(CifarResNet(depth=8), torch.channels_last).cuda()
     x = torch.rand(6, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
