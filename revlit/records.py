@@ -7,7 +7,7 @@ traced back and rerun::
       "format": "revlit-result/1",
       "classifier": {"path", "sha256", "arch"},
       "head":       {"path", "sha256", "classifier_sha256"} | null,
-      "data":       {"split", "source", "n", "test_subset", "batch_size"},
+      "data":       {"split", "source", "n", "test_subset", "first_index", "last_index"},
       "attack":     {"name", "kind", "norm", "eps", "step_size", "steps", "restarts", "loss",
                      "made_for_sha256", ...} (kind "none" for clean data),
       "defense":    {"method": "none"|"reverse"|"noise", ... settings, "batch_size", "seed",
@@ -19,8 +19,10 @@ traced back and rerun::
 
 ``accuracy`` is the fraction of the ``n`` examples classified correctly, ``loss`` the mean
 cross-entropy; the SSL losses are per-image contrastive losses averaged over the split (before =
-the input as given, after = the defended input, both measured on the same draw of views). ``seconds_per_image`` is compute time per image on
-one device; ``wall_seconds_per_image`` the run's wall time divided by n (all ranks together).
+the input as given, after = the defended input, both measured on the same draw of views).
+``first_index``/``last_index`` are the CIFAR-10 test indices covered; ``seconds_per_image`` is
+compute time per image on one device; ``wall_seconds_per_image`` the run's wall time divided by n
+(all ranks together).
 """
 
 from __future__ import annotations
