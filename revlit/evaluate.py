@@ -318,7 +318,7 @@ def _header(args, records: list[dict], skipped: list[str]) -> str:
         f"- defense: {args.norm} ε_r={_per255(args.eps)}, step {_per255(args.step_size)}, "
         f"{args.steps} steps, "
         f"{args.n_views} views, select={args.select}, seed {args.seed}",
-        f"- commit {git_commit()}; command: `python -m revlit.evaluate {' '.join(sys.argv[1:])}`",
+        f"- commit {git_commit()}; command: `python -m revlit.evaluate {' '.join(getattr(args, 'argv', sys.argv[1:]))}`",
         "- accuracy and CE loss of the classifier on the split as given (defense none) and after "
         "the defense; attacks are transfer attacks made against the undefended classifier.",
     ]
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the table's header
     try:
         evaluate(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -41,6 +41,7 @@ def test_evaluate_table_and_records(tmp_path, tiny_cifar_dir, tiny_classifier_ck
     assert table.count("| tiny_l_inf |") == 3 and table.count("| clean |") == 3
     assert table.strip() in capsys.readouterr().out  # printed as well
     assert "ε_r=16/255, step 2/255, 1 steps, 2 views" in table  # the purifier's defaults, readable
+    assert f"command: `python -m revlit.evaluate {' '.join(args)}`" in table  # called as main(args)
     assert (out / "tiny_l_inf" / "reverse" / "defense_grid.png").is_file()
     assert any((tmp_path / "logs").rglob("events.out.tfevents*"))
 
