@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 BATCH_DIR = "cifar-10-batches-py"
 LABEL_NAMES = [
@@ -116,3 +117,16 @@ def write_tiny_classifier(path: str | os.PathLike, seed: int = 0) -> Path:
     model.eval()
     save_classifier(model, path, meta={"note": "tiny test classifier", "seed": seed})
     return Path(path)
+
+
+class TinyMLP(nn.Module):
+    """A small smooth nonlinear classifier on 3x4x4 images (fast)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.l1, self.l2 = nn.Linear(48, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x.flatten(1) * 4 - 2)))

@@ -23,22 +23,9 @@ from revlit.attacks.adaptive import (
 from revlit.attacks.apgd import apgd_attack, classifier_oracle
 from revlit.attacks.pgd import pgd_attack
 from revlit.defenses import ReversePurifier
-from tests.helpers import tiny_classifier
+from tests.helpers import TinyMLP, tiny_classifier
 
 EPS = 8 / 255
-
-
-class TinyMLP(nn.Module):
-    """A small smooth nonlinear classifier on 3x4x4 images (fast)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.l1, self.l2 = nn.Linear(48, 32), nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l2(torch.tanh(self.l1(x.flatten(1) * 4 - 2)))
 
 
 def noise_purifier(sigma: float):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from revlit.adaptive_report import row_names, row_robust, summarize_table
 from revlit.attacks.cascade import (
@@ -18,19 +17,7 @@ from revlit.attacks.cascade import (
     run_cascade,
 )
 from revlit.attacks.norms import Norm
-
-
-class TinyMLP(nn.Module):
-    """A small smooth classifier on 3x4x4 images (fast)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.l1, self.l2 = nn.Linear(48, 32), nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l2(torch.tanh(self.l1(x.flatten(1) * 4 - 2)))
+from tests.helpers import TinyMLP
 
 
 class SpyPurifier:
