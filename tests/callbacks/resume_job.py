@@ -86,7 +86,7 @@ def run(kind: str, workdir: str | Path) -> Path:
 
         purifier = ReversePurifier(steps=STEPS // 4, n_views=2)
         module = DefenseModule(clf, str(wd / "head.pt"), defense=purifier, seed=0)
-        writer = DefenseWriter(str(wd / "results" / "defense"))
+        writer = DefenseWriter(str(wd / "results" / "defense"), resume=True)
         trainer([writer]).predict(module, datamodule=dm, return_predictions=False)
         return wd / "results" / "defense"
     writer = RankMergeWriter(str(wd / "results" / "run"), resume=True)
